@@ -1,0 +1,42 @@
+"""MobileNetV1 (the ImageNet model of GPD's ResNet50 -> MobileNet pair), built as student or DT."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gpd_jax.models.layers import batch_norm, conv, global_avg_pool, head
+
+# (output width, stride) of the 13 depthwise-separable blocks.
+MOBILENET_V1_BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1),
+                       (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1))
+
+
+class MobileNetV1(nn.Module):
+  """3×3/2 stem conv-BN-ReLU, 13 × (depthwise 3×3 conv-BN-ReLU, pointwise 1×1 conv-BN-ReLU), pool, fc.
+
+  Input [B, H, W, C], output float32 logits [B, num_classes]. In a DT the depthwise convs have r·C
+  groups; with branches the 9 stride-1 depthwise convs become depthwise OREPA blocks.
+  """
+  num_classes: int
+  stem_width: int = 32
+  blocks: Sequence[tuple[int, int]] = MOBILENET_V1_BLOCKS
+  ratio: int = 1
+  branches: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    conv_ = functools.partial(conv, ratio=self.ratio, branches=self.branches, dtype=self.dtype)
+    bn = functools.partial(batch_norm, train=train, scale=self.ratio, dtype=self.dtype)
+    x = nn.relu(bn(conv_(x.astype(self.dtype), self.stem_width * self.ratio, 3, strides=2,
+                         name="conv1"), name="bn1"))
+    for i, (width, strides) in enumerate(self.blocks):
+      c = x.shape[-1]
+      x = nn.relu(bn(conv_(x, c, 3, strides=strides, groups=c, name=f"block{i}_dw"),
+                     name=f"block{i}_dw_bn"))
+      x = nn.relu(bn(conv_(x, width * self.ratio, 1, name=f"block{i}_pw"), name=f"block{i}_pw_bn"))
+    return head(global_avg_pool(x), self.num_classes, dtype=self.dtype)

@@ -1,0 +1,161 @@
+"""ResNets: torchvision's ImageNet layout and mdistiller's CIFAR layout, built as student or DT.
+
+Every module takes ``ratio`` (DT width multiplier, also the activation scale s) and ``branches`` (OREPA
+blocks on 3×3 stride-1 convs) as static fields; widths given to a module are student widths.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gpd_jax.models.layers import batch_norm, conv, global_avg_pool, head, max_pool_3x3_s2
+
+
+class BasicBlock(nn.Module):
+  """3×3 conv-BN-ReLU, 3×3 conv-BN, projection shortcut (1×1 conv + BN) when the shape changes."""
+  features: int  # student width
+  strides: int = 1
+  ratio: int = 1
+  branches: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    width = self.features * self.ratio
+    conv_ = functools.partial(conv, ratio=self.ratio, branches=self.branches, dtype=self.dtype)
+    bn = functools.partial(batch_norm, train=train, scale=self.ratio, dtype=self.dtype)
+    y = nn.relu(bn(conv_(x, width, 3, strides=self.strides, name="conv1"), name="bn1"))
+    y = bn(conv_(y, width, 3, name="conv2"), name="bn2")
+    if self.strides != 1 or x.shape[-1] != width:
+      x = bn(conv_(x, width, 1, strides=self.strides, name="downsample_conv"), name="downsample_bn")
+    return nn.relu(x + y)
+
+
+class Bottleneck(nn.Module):
+  """torchvision v1.5 bottleneck: 1×1, 3×3 (strided), 1×1 (×4), projection shortcut when needed."""
+  features: int  # student inner width; output is 4× this
+  strides: int = 1
+  ratio: int = 1
+  branches: bool = False
+  dtype: Any = jnp.float32
+  expansion: int = 4
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    width = self.features * self.ratio
+    out = width * self.expansion
+    conv_ = functools.partial(conv, ratio=self.ratio, branches=self.branches, dtype=self.dtype)
+    bn = functools.partial(batch_norm, train=train, scale=self.ratio, dtype=self.dtype)
+    y = nn.relu(bn(conv_(x, width, 1, name="conv1"), name="bn1"))
+    y = nn.relu(bn(conv_(y, width, 3, strides=self.strides, name="conv2"), name="bn2"))
+    y = bn(conv_(y, out, 1, name="conv3"), name="bn3")
+    if self.strides != 1 or x.shape[-1] != out:
+      x = bn(conv_(x, out, 1, strides=self.strides, name="downsample_conv"), name="downsample_bn")
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """torchvision ImageNet ResNet: 7×7/2 stem, 3×3/2 max pool, four stages, global pool, fc.
+
+  Input [B, H, W, C] (any C), output float32 logits [B, num_classes].
+  """
+  num_classes: int
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  block: str = "basic"  # 'basic' | 'bottleneck'
+  widths: Sequence[int] = (64, 128, 256, 512)
+  stem_width: int = 64
+  ratio: int = 1
+  branches: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    kw = dict(ratio=self.ratio, branches=self.branches, dtype=self.dtype)
+    block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
+    x = conv(x.astype(self.dtype), self.stem_width * self.ratio, 7, strides=2, name="conv1", **kw)
+    x = nn.relu(batch_norm(x, train=train, scale=self.ratio, dtype=self.dtype, name="bn1"))
+    x = max_pool_3x3_s2(x)
+    for i, (n, width) in enumerate(zip(self.stage_sizes, self.widths)):
+      for j in range(n):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = block_cls(width, strides, name=f"layer{i + 1}_{j}", **kw)(x, train)
+    return head(global_avg_pool(x), self.num_classes, dtype=self.dtype)
+
+
+class CifarResNet(nn.Module):
+  """mdistiller/RepDistiller CIFAR ResNet (depth 6n+2): 3×3 stem, three stages (strides 1, 2, 2).
+
+  Shortcuts are projections whenever stride != 1 or the width changes. Input [B, H, W, C] (any C;
+  28×28×1 works), output float32 logits [B, num_classes].
+  """
+  num_classes: int
+  depth: int = 20
+  widths: Sequence[int] = (16, 16, 32, 64)  # [stem, stage1, stage2, stage3]
+  ratio: int = 1
+  branches: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    if (self.depth - 2) % 6:
+      raise ValueError(f"CifarResNet depth must be 6n+2, got {self.depth}")
+    n = (self.depth - 2) // 6
+    kw = dict(ratio=self.ratio, branches=self.branches, dtype=self.dtype)
+    x = conv(x.astype(self.dtype), self.widths[0] * self.ratio, 3, name="conv1", **kw)
+    x = nn.relu(batch_norm(x, train=train, scale=self.ratio, dtype=self.dtype, name="bn1"))
+    for i, width in enumerate(self.widths[1:]):
+      for j in range(n):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = BasicBlock(width, strides, name=f"layer{i + 1}_{j}", **kw)(x, train)
+    return head(global_avg_pool(x), self.num_classes, dtype=self.dtype)
+
+
+class WideBasicBlock(nn.Module):
+  """Pre-activation WRN block: BN-ReLU-conv(stride)-BN-ReLU-conv; 1×1 conv shortcut (no BN) on the
+  shared first BN-ReLU output when the width changes, identity otherwise."""
+  features: int
+  strides: int = 1
+  ratio: int = 1
+  branches: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    width = self.features * self.ratio
+    conv_ = functools.partial(conv, ratio=self.ratio, branches=self.branches, dtype=self.dtype)
+    bn = functools.partial(batch_norm, train=train, scale=self.ratio, dtype=self.dtype)
+    o = nn.relu(bn(x, name="bn1"))
+    y = nn.relu(bn(conv_(o, width, 3, strides=self.strides, name="conv1"), name="bn2"))
+    y = conv_(y, width, 3, name="conv2")
+    equal = x.shape[-1] == width and self.strides == 1
+    shortcut = x if equal else conv_(o, width, 1, strides=self.strides, name="shortcut_conv")
+    return shortcut + y
+
+
+class WideResNet(nn.Module):
+  """mdistiller WRN-d-k (pre-activation, dropout 0): 3×3 stem without BN, three groups, BN-ReLU, fc."""
+  num_classes: int
+  depth: int = 16
+  widen_factor: int = 2
+  ratio: int = 1
+  branches: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    if (self.depth - 4) % 6:
+      raise ValueError(f"WideResNet depth must be 6n+4, got {self.depth}")
+    n = (self.depth - 4) // 6
+    kw = dict(ratio=self.ratio, branches=self.branches, dtype=self.dtype)
+    k = self.widen_factor
+    x = conv(x.astype(self.dtype), 16 * self.ratio, 3, name="conv1", **kw)
+    for i, width in enumerate((16 * k, 32 * k, 64 * k)):
+      for j in range(n):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = WideBasicBlock(width, strides, name=f"block{i + 1}_{j}", **kw)(x, train)
+    x = nn.relu(batch_norm(x, train=train, scale=self.ratio, dtype=self.dtype, name="bn"))
+    return head(global_avg_pool(x), self.num_classes, dtype=self.dtype)
