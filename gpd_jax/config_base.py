@@ -1,0 +1,229 @@
+"""Defaults shared by every config in configs/; each experiment file overrides only what it changes.
+
+Every field that ``gpd_jax.train.train_and_evaluate`` reads is defined here, so a typo on the command
+line (``--config.optim.lrr=0.1``) is an error and every field can be overridden there.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def parse_arg(arg):
+  """``'runlocal'`` / ``'runlocal,other'`` / None -> set of flags (big_vision style)."""
+  return set(a for a in (arg or "").split(",") if a)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 128  # GLOBAL batch, split over the devices of the mesh's batch axes
+  c.eval_batch_size = 512
+  c.num_epochs = 1.0
+  c.num_train_steps = 0  # > 0 overrides num_epochs
+  c.log_every_steps = 50
+  c.eval_every_epochs = 1.0
+  c.checkpoint_every_steps = 0  # 0 = once per epoch
+  c.keep_checkpoints = 3
+  c.ema_decay = 0.0  # 0 = no EMA; the GPD ImageNet recipe uses 0.99996 per step
+  c.select_metric = "top1_S"  # the 'best' metric reported at the end (first eval split)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "resnet8"
+  c.model.kwargs = ml_collections.ConfigDict()  # module overrides, e.g. widths for tiny variants
+  c.model.dtype = "float32"  # compute dtype ('bfloat16' = mixed precision; params stay float32)
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.name = ""  # '' = no static teacher
+  c.teacher.workdir = ""  # its workdir or export dir; relative paths are under this run's workdir
+  c.teacher.config = ""  # 'path.py[:arg]': train the teacher there first if it is missing
+  c.teacher.train_mode = False  # True = batch-stat BN like the reference code (gpd_method.md P1)
+  c.teacher.model = ml_collections.ConfigDict({"dtype": "float32"})
+
+  c.init = ml_collections.ConfigDict()
+  c.init.student = ""  # an export (or workdir) of a pre-trained student: GPD fine-tuning
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.base = "ce"  # 'ce' | 'kd' | 'dkd' | 'dist'
+  c.loss.ce_weight = 1.0
+  c.loss.kd_weight = 1.0
+  c.loss.label_smoothing = 0.0
+  c.loss.kd = ml_collections.ConfigDict({"temperature": 4.0})
+  c.loss.dkd = ml_collections.ConfigDict(
+      {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_steps": 0})
+  c.loss.dist = ml_collections.ConfigDict({"beta": 1.0, "gamma": 1.0, "temperature": 1.0})
+
+  c.gpd = ml_collections.ConfigDict()
+  c.gpd.enabled = False
+  c.gpd.ratio = 2
+  c.gpd.branches = False  # OREPA branches on every 3×3 stride-1 conv
+  c.gpd.pretrained_branches = False  # branch scales (1,0,..): True when fine-tuning (scenario c)
+  c.gpd.noise_std = 1e-6
+  c.gpd.sce_weight = 3.0
+  c.gpd.sce_smoothing = 0.1
+  c.gpd.train_dt_loss = True
+  c.gpd.dt_uses_static_kd = True
+  c.gpd.student_uses_static_kd = True
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "sgd"  # 'sgd' | 'adamw'
+  c.optim.momentum = 0.9
+  c.optim.nesterov = False
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 5e-4
+  c.optim.no_decay_regex = ""  # '' = decay every leaf (BN, biases and OREPA v included)
+  c.optim.clip_norm = 0.0  # 0 = no clipping
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = "step"  # 'step' | 'cosine' | 'constant'
+  c.schedule.base_lr = 0.05
+  c.schedule.warmup_epochs = 0.0
+  c.schedule.boundaries = (150, 180, 210)  # epochs ('step')
+  c.schedule.decay_factor = 0.1
+  c.schedule.min_lr = 0.0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1,)
+  c.mesh.axes = ("data",)
+  c.mesh.batch_axes = ("data",)
+  c.mesh.param_rules = ()  # ((regex, partition spec tuple), ...); default: replicated
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "fashion_mnist"
+  c.dataset.data_dir = config_dict.placeholder(str)  # default $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.dataset.source_dir = config_dict.placeholder(str)  # fashion_mnist IDX files (default: Debian's)
+  c.dataset.train_split = "train"
+  c.dataset.eval_splits = ml_collections.ConfigDict({"test": "test"})  # evaluated every eval
+  c.dataset.test_splits = ml_collections.ConfigDict()  # evaluated once, at the end
+  c.dataset.image_size = config_dict.placeholder(int)  # default: native size
+  c.dataset.augment = "cifar"  # 'imagenet' | 'cifar' | 'none'
+  c.dataset.crop_padding = 4
+  c.dataset.num_train_examples = config_dict.placeholder(int)  # cap (None = all)
+  c.dataset.num_eval_examples = config_dict.placeholder(int)
+  c.dataset.worker_count = 0
+  c.dataset.num_threads = 2
+  c.dataset.prefetch_buffer_size = 2
+  return c
+
+
+def gpd_on(c, *, ratio=2, branches=True):
+  """Turns GPD on with the paper's settings (r, six OREPA branches, 3 × SCE with 0.1 smoothing)."""
+  c.gpd.enabled = True
+  c.gpd.ratio = ratio
+  c.gpd.branches = branches
+  return c
+
+
+def shrink_for_local_run(c, *, num_train_examples=1024, num_eval_examples=256, batch_size=64,
+                         num_epochs=2):
+  """``runlocal``: a few steps on a data subset, to check a config end to end on a laptop CPU."""
+  c.batch_size = batch_size
+  c.eval_batch_size = 128
+  c.num_epochs = num_epochs
+  c.log_every_steps = 4
+  c.dataset.num_train_examples = num_train_examples
+  c.dataset.num_eval_examples = num_eval_examples
+  c.dataset.worker_count = 0
+  return c
+
+
+def fashion_mnist_recipe(c, *, num_epochs=10):
+  """The offline recipe: Fashion-MNIST 28×28×1, pad-crop + flip, SGD 0.05 with cosine decay.
+
+  Model selection uses a validation split held out from the training set (the last 5,000 images);
+  the test split is evaluated once, at the end.
+  """
+  c.dataset.name = "fashion_mnist"
+  c.dataset.train_split = "train[:55000]"
+  c.dataset.eval_splits = ml_collections.ConfigDict({"val": "train[55000:]"})
+  c.dataset.test_splits = ml_collections.ConfigDict({"test": "test"})
+  c.dataset.augment = "cifar"
+  c.dataset.crop_padding = 2
+  c.batch_size = 128
+  c.num_epochs = float(num_epochs)
+  c.optim.weight_decay = 5e-4
+  c.schedule.name = "cosine"
+  c.schedule.base_lr = 0.05
+  c.schedule.warmup_epochs = 0.0
+  return c
+
+
+IMAGENET_STEPS_PER_EPOCH_AT_512 = 1_281_167 // 512
+
+
+def imagenet_recipe(c, *, model="resnet18"):
+  """GPD's ImageNet CNN recipe (gpd_method.md §9.1): 100 epochs, global batch 512, SGD 0.1 m 0.9,
+  wd 1e-4 on every leaf, ×0.1 at epochs 30/60/90, no warm-up, RandomResizedCrop 224 + flip.
+
+  BN statistics are over the global batch (the reference used per-GPU batches of 128; P10).
+  """
+  c.model.name = model
+  c.dataset.name = "imagenet2012"
+  c.dataset.train_split = "train"
+  c.dataset.eval_splits = ml_collections.ConfigDict({"val": "validation"})
+  c.dataset.image_size = 224
+  c.dataset.augment = "imagenet"
+  c.dataset.worker_count = 8
+  c.batch_size = 512
+  c.eval_batch_size = 1000
+  c.num_epochs = 100.0
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 1000
+  c.optim.weight_decay = 1e-4
+  c.schedule.name = "step"
+  c.schedule.base_lr = 0.1
+  c.schedule.boundaries = (30, 60, 90)
+  return c
+
+
+def imagenet_teacher(c, name):
+  """A static teacher trained by configs/imagenet_ce.py, expected in <workdir>/teacher."""
+  c.teacher.name = name
+  c.teacher.workdir = "teacher"
+  return c
+
+
+def imagenet_gpd(c):
+  """GPD's additions: r 2, OREPA branches, 3 × SCE, clip 5, EMA 0.99996 per step."""
+  gpd_on(c, ratio=2, branches=True)
+  c.optim.clip_norm = 5.0
+  c.ema_decay = 0.99996
+  return c
+
+
+def imagenet_runlocal(c, *, teacher_config=None):
+  """``runlocal`` for ImageNet configs: synthetic 64×64 images with 1000 classes, a few steps."""
+  shrink_for_local_run(c, num_train_examples=128, num_eval_examples=64, batch_size=16, num_epochs=1)
+  c.eval_batch_size = 32
+  c.dataset.name = "synthetic"
+  c.dataset.image_shape = (72, 72, 3)
+  c.dataset.num_classes = 1000
+  c.dataset.image_size = 64
+  c.dataset.train_split = "train"
+  c.dataset.eval_splits = ml_collections.ConfigDict({"val": "validation"})
+  c.dataset.worker_count = 0
+  c.checkpoint_every_steps = 0
+  if c.teacher.name and teacher_config:
+    c.teacher.config = teacher_config
+  return c
+
+
+def cifar100_recipe(c, *, model="resnet8x4"):
+  """mdistiller's CIFAR-100 recipe (kd_losses.md §2.1): 240 epochs, batch 64, SGD 0.05 m 0.9,
+  wd 5e-4, ×0.1 at epochs 150/180/210, pad-4 crop + flip; val = the last 5k of train."""
+  c.model.name = model
+  c.dataset.name = "cifar100"
+  c.dataset.train_split = "train[:45000]"
+  c.dataset.eval_splits = ml_collections.ConfigDict({"val": "train[45000:]"})
+  c.dataset.test_splits = ml_collections.ConfigDict({"test": "test"})
+  c.dataset.augment = "cifar"
+  c.dataset.crop_padding = 4
+  c.batch_size = 64
+  c.eval_batch_size = 500
+  c.num_epochs = 240.0
+  c.log_every_steps = 100
+  c.optim.weight_decay = 5e-4
+  c.schedule.name = "step"
+  c.schedule.base_lr = 0.05
+  c.schedule.boundaries = (150, 180, 210)
+  return c
