@@ -64,9 +64,15 @@ class Checkpointer:
       raise CheckpointMismatchError(
           f"the checkpoint in {self.directory} (step {step}) was written by another setup ("
           + "; ".join(diffs) + "). Use a new --workdir, or change the config to match.")
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-        info=ocp.args.JsonRestore()))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+          info=ocp.args.JsonRestore()))
+    except ValueError as e:
+      raise CheckpointMismatchError(
+          f"the checkpoint in {self.directory} (step {step}) does not fit the train state this "
+          "config builds (did config.optim, config.ema_decay or config.model change?). Use a new "
+          f"--workdir, or restore the old settings. Orbax said: {e}") from None
     return restored["state"], restored["data"], restored["info"]
 
   def close(self) -> None:

@@ -79,7 +79,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
       ema = optax.incremental_update(current, ema, step_size=1.0 - ema_decay)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               student_batch_stats=student_batch_stats, opt_state=opt_state, ema=ema)
-    metrics = {**terms, "lr": schedule(state.step), "grad_norm": optax.global_norm(grads),
+    metrics = {**terms, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads),
                "finite": jnp.isfinite(total)}
     return new_state, metrics
 

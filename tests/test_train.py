@@ -159,19 +159,22 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
   workdir = str(tmp_path)
   train.train_and_evaluate(tiny_config(teacher=False, steps=2), workdir)
   config = tiny_config(teacher=False, steps=6)
-  config.schedule.base_lr = 1e38  # overflows at the first step after the resume
-  config.optim.clip_norm = 0.0
+  config.schedule.base_lr = 1e38  # the first step after the resume overflows the params
   with pytest.raises(train.NonFiniteLossError, match=r"step [3-6]"):
     train.train_and_evaluate(config, workdir)
   assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 2
 
 
-def test_checkpoint_of_another_model_is_refused(tmp_path):
+def test_checkpoint_of_another_model_or_optimizer_is_refused(tmp_path):
   workdir = str(tmp_path)
   train.train_and_evaluate(tiny_config(teacher=False, steps=2), workdir)
   config = tiny_config(teacher=False, steps=4)
   config.gpd.ratio = 3
   with pytest.raises(checkpoint.CheckpointMismatchError, match="ratio"):
+    train.train_and_evaluate(config, workdir)
+  config = tiny_config(teacher=False, steps=4)
+  config.optim.clip_norm = 0.0  # another optimizer-state structure
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="config.optim"):
     train.train_and_evaluate(config, workdir)
 
 
