@@ -12,7 +12,10 @@ with ``s = ratio``. In student mode ``s = 1`` and the wrappers vanish.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import contextvars
+import dataclasses
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -28,6 +31,22 @@ OREPA_SCRATCH_SCALES = (0.25, 0.25, 0.0, 0.5, 0.05, 0.5)
 OREPA_PRETRAINED_SCALES = (1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 OREPA_NUM_BRANCHES = 6
 OREPA_DW_MULTIPLIER = 8  # channel multiplier of branch 5's depthwise conv
+
+# How an OREPA block evaluates its branches (``OrepaConv.branch_path``): 'merge' folds all six into one
+# k×k kernel (the reference behaviour); 'run' runs the two factored branches on the activations and
+# merges the rest; 'auto' picks per branch from the static input shape (``orepa_path_plan``).
+OREPA_BRANCH_PATHS = ("auto", "merge", "run")
+# The branches whose kernel is a contraction of two trainable factors, so that folding them costs
+# O(k²·I·T·O) or O(k²·8·I·O) MACs whatever the batch: 3 (1×1 conv e1 + J, then the k×k conv c2) and 5
+# (depthwise dw, then pointwise pw). Branches 0, 1, 2 and 4 are a scaling, a broadcast or a product
+# with the fixed prior of one factor, O(k²·I·O) to fold, and are always merged.
+OREPA_RUNNABLE_BRANCHES = (3, 5)
+# 'auto' runs a branch only when its run MACs times this factor are below its merge MACs. Running adds
+# work that MACs do not count (an extra conv and 1×1, the intermediate activation kept for the
+# backward, an add), and its convs on few activations are less efficient than the merge's single
+# large GEMM. Measured on XLA:CPU (benchmarks/orepa_branch_cost.py), running branch 3 only pays off
+# once it saves more than ~10-20 % of its MACs; re-measure on an accelerator.
+OREPA_RUN_COST_FACTOR = 1.25
 
 # Kaiming/He-uniform with a = 0 (PyTorch ``kaiming_uniform_``): U(-sqrt(6/fan_in), sqrt(6/fan_in)).
 he_uniform = nn.initializers.variance_scaling(2.0, "fan_in", "uniform", in_axis=-2, out_axis=-1)
@@ -56,9 +75,38 @@ def torch_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
   return ((p, p), (p, p))
 
 
+_DEFAULT_BRANCH_PATH: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "gpd_jax_orepa_branch_path", default="auto")
+
+
+def _check_branch_path(path: Any) -> str:
+  if path not in OREPA_BRANCH_PATHS:
+    raise ValueError(f"OREPA branch_path must be one of {OREPA_BRANCH_PATHS}, got {path!r}")
+  return path
+
+
+@contextlib.contextmanager
+def orepa_branch_path(path: str) -> Iterator[None]:
+  """Sets the ``branch_path`` of the OREPA blocks that :func:`conv` builds without an explicit one.
+
+  The value is read when a model is traced (``init``/``apply``, or the first call of a jitted
+  function), not when it runs: a jitted function keeps the path it was traced with. Every path gives
+  the same function up to float rounding, so this only trades compute; its main use is forcing
+  'merge' (the reference behaviour) or 'run' on a whole model for tests and benchmarks::
+
+    with orepa_branch_path("merge"):
+      logits = model.apply(variables, images)
+  """
+  token = _DEFAULT_BRANCH_PATH.set(_check_branch_path(path))
+  try:
+    yield
+  finally:
+    _DEFAULT_BRANCH_PATH.reset(token)
+
+
 def conv(x: jax.Array, features: int, kernel_size: int, *, strides: int = 1, name: str,
          ratio: int = 1, branches: bool = False, groups: int = 1, use_bias: bool = False,
-         dtype: Any = jnp.float32):
+         dtype: Any = jnp.float32, branch_path: str | None = None):
   """A k×k conv of the model family: a plain conv, or an OREPA block for 3×3 stride-1 convs.
 
   Args:
@@ -66,6 +114,9 @@ def conv(x: jax.Array, features: int, kernel_size: int, *, strides: int = 1, nam
     features: output channels in the current mode (the caller multiplies by ``ratio``).
     groups: 1, or ``features`` for a depthwise conv (C_in == features).
     branches: replace the conv by a six-branch OREPA block when it is 3×3, stride 1 (§4.1).
+    branch_path: the OREPA block's ``branch_path`` ('auto' | 'merge' | 'run'); None takes the
+      default set by :func:`orepa_branch_path` ('auto' outside it). The models do not pass it, so
+      the context manager is how a whole model is forced onto one path.
   Returns:
     [B, H', W', features].
   """
@@ -73,8 +124,10 @@ def conv(x: jax.Array, features: int, kernel_size: int, *, strides: int = 1, nam
   if depthwise and not (groups == features == x.shape[-1]):
     raise ValueError(f"conv '{name}': only groups=1 or depthwise convs are supported, got groups={groups}")
   if branches and kernel_size == 3 and strides == 1:
+    if branch_path is None:
+      branch_path = _DEFAULT_BRANCH_PATH.get()
     return OrepaConv(features=features, depthwise=depthwise, use_bias=use_bias, scale=ratio,
-                     dtype=dtype, name=name)(x)
+                     dtype=dtype, branch_path=branch_path, name=name)(x)
   y = nn.Conv(features, (kernel_size, kernel_size), strides=strides,
               padding=torch_padding(kernel_size), feature_group_count=groups, use_bias=use_bias,
               kernel_init=conv_kernel_init, dtype=dtype, name=name)
@@ -110,9 +163,17 @@ class OrepaConv(nn.Module):
   ``w4`` [3,3,I,O] / [3,3,1,O]; ``dw`` [3,3,1,8I]; ``pw`` [8I,O] / [8,O]; ``v`` [6,O]; optional ``bias``
   [O]. Constants in the ``consts`` collection: ``prior`` P [3,3,O] and ``identity`` J.
 
-  The block's kernel is merged from its factors at every forward (one conv per forward). The merged
-  kernel is linear in each factor, so a DT (factors IR-expanded) and its student view (factors sliced)
-  each merge their own kernel; the student is never a slice of the DT's merged kernel (§4.5).
+  The block's kernel is merged from its factors at every forward. The merged kernel is linear in each
+  factor, so a DT (factors IR-expanded) and its student view (factors sliced) each merge their own
+  kernel; the student is never a slice of the DT's merged kernel (§4.5).
+
+  Merging branch 3 (and 5) costs the same at every step whatever the batch (O(k²·I·T·O), ~10 GMAC for
+  a 1024-channel block), while running it on the activations costs O(B·H·W·(I·T + k²·T·O)).
+  ``branch_path`` picks how branches 3 and 5 are evaluated: 'merge' folds all six branches into one
+  kernel (one conv, the reference behaviour); 'run' runs 3 and 5 as their own convs on the
+  activations and folds the rest; 'auto' (default) decides per branch at trace time from the static
+  input shape, with :func:`orepa_path_plan`. All paths compute the same function up to float rounding,
+  with the same parameters; CBR export always merges (:func:`merge_orepa_kernel`).
 
   The reference block always has a bias and drops it at export. Our block has a bias only when the
   converted conv had one (never in the shipped models): before a train-mode BatchNorm that bias gets a
@@ -123,6 +184,7 @@ class OrepaConv(nn.Module):
   use_bias: bool = False
   scale: int = 1  # the activation scale s; matters only for a depthwise block with a bias
   dtype: Any = jnp.float32
+  branch_path: str = "auto"  # 'auto' | 'merge' | 'run', see the class docstring
 
   FACTORS = ("kernel", "a1", "a2", "e1", "c2", "w4", "dw", "pw", "v", "bias")
 
@@ -131,18 +193,34 @@ class OrepaConv(nn.Module):
     in_features = x.shape[-1]
     if self.depthwise and in_features != self.features:
       raise ValueError(f"depthwise OrepaConv needs C_in == features, got {in_features} != {self.features}")
+    if x.ndim != 4:
+      raise ValueError(f"OrepaConv needs [B, H, W, C] inputs, got shape {x.shape}")
+    plan = self.path_plan(x.shape)
     factors, consts = self.make_factors(in_features)
-    kernel = merge_orepa_kernel(factors, consts, depthwise=self.depthwise).astype(self.dtype)
+    if plan.run:
+      kernel = _merge_branch_kernels(factors, consts, depthwise=self.depthwise, branches=plan.merged)
+    else:
+      kernel = merge_orepa_kernel(factors, consts, depthwise=self.depthwise)
+    kernel = kernel.astype(self.dtype)
     groups = in_features if self.depthwise else 1
     bias = factors.get("bias")
     s = self.scale if self.depthwise else 1  # for groups 1, conv(s·x)/s + s·b/s is the identity
+    xs = (x * s if s != 1 else x).astype(self.dtype)
     y = jax.lax.conv_general_dilated(
-        (x * s if s != 1 else x).astype(self.dtype), kernel, window_strides=(1, 1),
+        xs, kernel, window_strides=(1, 1),
         padding=((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=groups)
+    for b in plan.run:  # the same s·x input as the merged conv: the /s below covers every branch
+      y = y + run_orepa_branch(b, xs, factors, consts, depthwise=self.depthwise)
     if bias is not None:
       y = y + bias.astype(self.dtype)
     return y / s if s != 1 else y
+
+  def path_plan(self, input_shape: Sequence[int]) -> "OrepaPathPlan":
+    """The branch plan of this block for an input of static shape [B, H, W, C_in]."""
+    batch, height, width, in_features = (int(d) for d in input_shape)
+    return orepa_path_plan(self.features, in_features, self.depthwise, batch, height, width,
+                           policy=self.branch_path)
 
   def make_factors(self, in_features: int):
     """Declares the factors (params) and constants; returns two dicts of arrays."""
@@ -194,28 +272,166 @@ def merge_orepa_kernel(factors: dict, consts: dict, *, depthwise: bool) -> jax.A
   Returns:
     The merged kernel [3, 3, I_g, O].
   """
-  w0, a1, a2, e1 = factors["kernel"], factors["a1"], factors["a2"], factors["e1"]
-  c2, w4, dw, pw, v = factors["c2"], factors["w4"], factors["dw"], factors["pw"], factors["v"]
-  prior, ident = consts["prior"], consts["identity"]
+  return _merge_branch_kernels(factors, consts, depthwise=depthwise,
+                               branches=tuple(range(OREPA_NUM_BRANCHES)))
+
+
+def _merge_branch_kernels(factors: dict, consts: dict, *, depthwise: bool,
+                          branches: Sequence[int]) -> jax.Array:
+  """Σ_{b in branches} v[b]·K_b (§4.2), summed in branch order; only the listed K_b are built."""
+  w0, v = factors["kernel"], factors["v"]
   k = w0.shape[0]
   mult = OREPA_DW_MULTIPLIER
   hi = jax.lax.Precision.HIGHEST
-  k0 = w0
-  k1 = jnp.broadcast_to(a1 / (k * k), w0.shape)
-  k2 = a2[None, None] * prior[:, :, None, :]
-  if depthwise:
-    channels = w0.shape[-1]
-    k3 = (e1 + ident)[0][None, None, None, :] * c2
-    dw_ = dw.reshape(k, k, channels, mult)  # dw[..., 8c + u] -> [..., c, u]
-    k5 = jnp.einsum("hwcu,uc->hwc", dw_, pw, precision=hi)[:, :, None, :]
-  else:
+
+  def branch_kernel(b: int) -> jax.Array:
+    if b == 0:
+      return w0
+    if b == 1:
+      return jnp.broadcast_to(factors["a1"] / (k * k), w0.shape)
+    if b == 2:
+      return factors["a2"][None, None] * consts["prior"][:, :, None, :]
+    if b == 4:
+      return factors["w4"]
+    e1, c2, dw, pw = factors["e1"], factors["c2"], factors["dw"], factors["pw"]
+    if depthwise:
+      if b == 3:
+        return (e1 + consts["identity"])[0][None, None, None, :] * c2
+      channels = w0.shape[-1]
+      dw_ = dw.reshape(k, k, channels, mult)  # dw[..., 8c + u] -> [..., c, u]
+      return jnp.einsum("hwcu,uc->hwc", dw_, pw, precision=hi)[:, :, None, :]
+    if b == 3:
+      return jnp.einsum("it,hwto->hwio", e1 + consts["identity"], c2, precision=hi)
     in_features = w0.shape[2]
-    k3 = jnp.einsum("it,hwto->hwio", e1 + ident, c2, precision=hi)
     dw_ = dw.reshape(k, k, in_features, mult)
     pw_ = pw.reshape(in_features, mult, -1)
-    k5 = jnp.einsum("hwiu,iuo->hwio", dw_, pw_, precision=hi)
-  branches = (k0, k1, k2, k3, w4, k5)
-  return sum(v[b] * kb for b, kb in enumerate(branches))
+    return jnp.einsum("hwiu,iuo->hwio", dw_, pw_, precision=hi)
+
+  return sum(v[b] * branch_kernel(b) for b in sorted(branches))
+
+
+@dataclasses.dataclass(frozen=True)
+class OrepaPathPlan:
+  """How one OREPA block evaluates its branches for a static input shape, and what it costs.
+
+  Costs are leading-order multiply-accumulates of one forward (the backward of either path costs about
+  twice its forward, so the comparison holds for training too); ``v`` scalings, additions and the bias
+  are O(k²·I·O) or O(B·H·W·O) and left out. ``merge_macs[b]`` is the cost of folding branch b into the
+  merged kernel (independent of the batch), ``run_macs[b]`` that of running it as its own convs on the
+  activations. Only the branches in ``OREPA_RUNNABLE_BRANCHES`` can run; the others always merge.
+  """
+  features: int
+  in_features: int
+  depthwise: bool
+  batch: int
+  height: int
+  width: int
+  policy: str
+  run_cost_factor: float
+  merge_macs: tuple[int, ...]
+  run_macs: tuple[int, ...]
+  run: tuple[int, ...]  # branches run on the activations, the others are merged
+
+  @property
+  def merged(self) -> tuple[int, ...]:
+    return tuple(b for b in range(OREPA_NUM_BRANCHES) if b not in self.run)
+
+  @property
+  def conv_macs(self) -> int:
+    """The conv with the merged kernel, run on every path."""
+    i_g = 1 if self.depthwise else self.in_features
+    return self.batch * self.height * self.width * 9 * i_g * self.features
+
+  def macs(self, run: Sequence[int] | None = None) -> int:
+    """Total forward MACs when the branches in ``run`` (default: this plan's) run on activations."""
+    run = self.run if run is None else tuple(run)
+    return (self.conv_macs + sum(self.run_macs[b] for b in run)
+            + sum(self.merge_macs[b] for b in range(OREPA_NUM_BRANCHES) if b not in run))
+
+
+def orepa_path_plan(features: int, in_features: int, depthwise: bool, batch: int, height: int,
+                    width: int, *, policy: str = "auto",
+                    run_cost_factor: float = OREPA_RUN_COST_FACTOR) -> OrepaPathPlan:
+  """Per-branch cost of merging vs running a 3×3 OREPA block's branches, and the chosen path.
+
+  With I the input width, O = ``features``, T = I the internal width of branch 3, N = B·H·W and
+  k² = 9 (I_g = T_g = 1 for a depthwise block, where I = O):
+
+  * branch 3 (1×1 e1 + J, then k×k c2): merge k²·I_g·T·O, run N·(I·T_g + k²·T_g·O);
+  * branch 5 (depthwise dw ×8, then pointwise pw): merge k²·8·I_g·O, run N·(k²·8·I + 8·I_g·O);
+  * branches 0, 2, 4 (k×k kernels): merge k²·I_g·O, run N·k²·I_g·O; branch 1 (1×1 then average
+    pool): merge k²·I_g·O, run N·(I_g·O + k²·O). These always merge.
+
+  For a groups-1 block with I = T = O = C, running branch 3 costs fewer MACs iff N < 0.9·C, and
+  'auto' (with the default ``run_cost_factor`` 1.25) runs it iff N < 0.72·C: e.g. the 1024-channel
+  convs of a ResNet-18 DT (r = 2) at 7×7 run it for B ≤ 15 and merge it above.
+
+  Args:
+    policy: 'auto' runs each runnable branch b with ``run_cost_factor · run_macs[b] <
+      merge_macs[b]``; 'merge' runs none; 'run' runs all of ``OREPA_RUNNABLE_BRANCHES``.
+    run_cost_factor: weight of the run path's MACs in 'auto' (``OREPA_RUN_COST_FACTOR``).
+  """
+  _check_branch_path(policy)
+  o, i = int(features), int(in_features)
+  i_g = t_g = 1 if depthwise else i
+  mult = OREPA_DW_MULTIPLIER
+  kk = 9
+  n = int(batch) * int(height) * int(width)
+  merge_macs = (kk * i_g * o, kk * i_g * o, kk * i_g * o, kk * i_g * t_g * o, kk * i_g * o,
+                kk * mult * i_g * o)
+  full_conv = n * kk * i_g * o
+  run_macs = (full_conv, n * (i_g * o + kk * o), full_conv, n * (i * t_g + kk * t_g * o), full_conv,
+              n * (kk * mult * i + mult * i_g * o))
+  if policy == "merge":
+    run = ()
+  elif policy == "run":
+    run = OREPA_RUNNABLE_BRANCHES
+  else:
+    run = tuple(b for b in OREPA_RUNNABLE_BRANCHES
+                if run_cost_factor * run_macs[b] < merge_macs[b])
+  return OrepaPathPlan(features=o, in_features=i, depthwise=bool(depthwise), batch=int(batch),
+                       height=int(height), width=int(width), policy=policy,
+                       run_cost_factor=float(run_cost_factor), merge_macs=merge_macs,
+                       run_macs=run_macs, run=run)
+
+
+def run_orepa_branch(branch: int, x: jax.Array, factors: dict, consts: dict, *,
+                     depthwise: bool) -> jax.Array:
+  """Runs one factored OREPA branch (3 or 5) on the activations, scaled by ``v``.
+
+  Equals ``conv(x, v[branch]·K_branch)`` (§4.2) up to float rounding, at
+  O(B·H·W·(I·T + k²·T·O)) (branch 3) or O(B·H·W·(k²·8·I + 8·I·O)) (branch 5) MACs instead of the
+  batch-independent cost of building K_branch. Computes in ``x.dtype``, like the merged conv.
+
+  Args:
+    x: [B, H, W, I] (already multiplied by the activation scale s, if any).
+  Returns:
+    [B, H, W, O].
+  """
+  dtype = x.dtype
+  channels = x.shape[-1]
+  k = factors["kernel"].shape[0]
+  v = factors["v"][branch]
+  groups = channels if depthwise else 1
+
+  def conv_kxk(inp, kern, group_count):
+    return jax.lax.conv_general_dilated(
+        inp, kern.astype(dtype), (1, 1), ((k // 2, k // 2), (k // 2, k // 2)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=group_count)
+
+  if branch == 3:
+    inner = (factors["e1"] + consts["identity"]).astype(dtype)  # [I_g, T]
+    # 1×1 conv x -> t (a per-channel scaling when depthwise), then the k×k conv v·c2.
+    t = x * inner[0] if depthwise else jnp.matmul(x, inner)
+    return conv_kxk(t, factors["c2"] * v, groups)
+  if branch == 5:
+    d = conv_kxk(x, factors["dw"], channels)  # [B, H, W, 8·I], channel 8i + u
+    pw = (factors["pw"] * v).astype(dtype)  # [8·I_g, O]
+    if depthwise:
+      d = d.reshape(*d.shape[:-1], channels, OREPA_DW_MULTIPLIER)
+      return jnp.einsum("bhwcu,uc->bhwc", d, pw)
+    return jnp.matmul(d, pw)
+  raise ValueError(f"only branches {OREPA_RUNNABLE_BRANCHES} can run on the activations, got {branch}")
 
 
 def orepa_branch_outputs(x: jax.Array, factors: dict, consts: dict, *, depthwise: bool):

@@ -6,7 +6,7 @@ r, widened axes are tiled r times, and each tiling adds fresh N(0, σ²) noise t
 """
 from __future__ import annotations
 
-import zlib
+import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,9 +16,13 @@ from gpd_jax.transforms.spec import (ExpansionSpec, check_ratio, check_variables
                                      flatten, infer_sample_shape, unflatten)
 
 
-def _leaf_rng(rng: jax.Array, key: str) -> jax.Array:
-  """A key per leaf from a stable hash of its path (independent of tree order)."""
-  return jax.random.fold_in(rng, zlib.crc32(key.encode()) & 0x7FFFFFFF)
+def _tiled_shapes(shape, tiled_axes, ratio):
+  """The shape after each successive tiling of ``tiled_axes``."""
+  shapes, shape = [], list(shape)
+  for axis in tiled_axes:
+    shape[axis] *= ratio
+    shapes.append(tuple(shape))
+  return shapes
 
 
 def _sample_shape(model, variables, sample_input, argument):
@@ -76,7 +80,8 @@ def expand_channels(model: nn.Module, variables, *, ratio: int, rng: jax.Array,
     model: the student module (ratio 1; with or without branches).
     variables: its variables (``params``, ``batch_stats``, and ``consts`` with branches).
     ratio: integer >= 2.
-    rng: PRNG key for the noise; one key per leaf is folded in from the leaf's path.
+    rng: PRNG key for the noise. All the noise of the tree is one draw, cut into pieces in leaf
+      order: a random op per leaf would make the jitted init of a big DT compile for minutes on CPU.
     noise_std: σ of the symmetry-breaking noise (absolute); 0 gives an exact copy.
   Returns:
     (dt_model, dt_variables).
@@ -89,17 +94,22 @@ def expand_channels(model: nn.Module, variables, *, ratio: int, rng: jax.Array,
   sample_shape = _sample_shape(model, variables, sample_input, "variables")
   check_variables_match(model, variables, sample_shape, argument="variables")
   spec = spec or derive_spec(model, ratio, sample_shape)
-  out = {}
-  for key, leaf in flatten(variables).items():
+  flat = flatten(variables)
+  noisy = {key: _tiled_shapes(jnp.shape(leaf), spec.leaves[key].tiled_axes, ratio)
+           for key, leaf in flat.items() if spec.leaves[key].noise and noise_std > 0}
+  total = sum(math.prod(shape) for shapes in noisy.values() for shape in shapes)
+  noise = noise_std * jax.random.normal(rng, (total,), jnp.float32) if total else None
+  offset, out = 0, {}
+  for key, leaf in flat.items():
     rule = spec.leaves[key]
     x = jnp.asarray(leaf)
     if rule.rescale:
       x = x / ratio
-    leaf_rng = _leaf_rng(rng, key)
-    for i, axis in enumerate(rule.tiled_axes):
+    for axis in rule.tiled_axes:
       x = jnp.concatenate([x] * ratio, axis=axis)  # copy-major: copy j at [j·C, (j+1)·C)
-      if rule.noise and noise_std > 0:
-        x = x + noise_std * jax.random.normal(jax.random.fold_in(leaf_rng, i), x.shape, x.dtype)
+      if key in noisy:
+        x = x + noise[offset:offset + x.size].reshape(x.shape).astype(x.dtype)
+        offset += x.size
     out[key] = x
   return model.clone(ratio=ratio), unflatten(out)
 
