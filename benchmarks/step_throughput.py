@@ -5,7 +5,7 @@
 
 For each method: ms/step and img/s of the real train step (``gpd_jax.step.make_train_step``: teacher
 forward, DT + student-view forward/backward, optax update, EMA) on one fixed device batch, timed over
-``--steps`` steps after ``--warmup`` compiled ones, all methods side by side in one process; the
+``--rounds`` round-robin rounds of ``--steps`` steps, all methods side by side in one process; the
 step's FLOPs from XLA's cost analysis; and MFU when the device's peak is known. Prints the GPD/DKD
 time ratio next to the FLOP ratio, and the with-/without-branches ratio.
 """
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpd_jax import config_base, models, optim
+from gpd_jax.models.layers import orepa_branch_path
 from gpd_jax.state import DTYPES, build_task, init_state
 from gpd_jax.step import make_train_step
 
@@ -37,6 +38,9 @@ METHODS = {
     "dkd": dict(base="dkd", teacher=True, gpd=False, branches=False),
     "dkd_gpd": dict(base="dkd", teacher=True, gpd=True, branches=False),
     "dkd_gpd_branches": dict(base="dkd", teacher=True, gpd=True, branches=True),
+    # The same step with every OREPA kernel merged (the reference code's forward), for the
+    # effect of the per-layer path choice.
+    "dkd_gpd_branches_merge": dict(base="dkd", teacher=True, gpd=True, branches=True, path="merge"),
 }
 
 
@@ -62,39 +66,61 @@ def peak_flops(dtype):
   return None
 
 
-def bench_method(args, method, batch, teacher, teacher_variables):
+def compile_method(args, method, batch, teacher, teacher_variables):
+  """(run, info): ``run(n)`` times n steps and returns seconds per step; info has FLOPs, compile s."""
   config, m = method_config(args, method)
   shape = (1, args.image_size, args.image_size, args.channels)
   task = build_task(config, num_classes=args.num_classes, sample_shape=shape,
                     teacher=teacher if m["teacher"] else None)
   schedule = optim.make_schedule(config.schedule, steps_per_epoch=1, total_steps=1)
   tx = optim.make_optimizer(config.optim, schedule)
-  state = jax.jit(lambda r: init_state(task, config, tx, r))(jax.random.key(0, impl="rbg"))
+  holder = {"state": jax.jit(lambda r: init_state(task, config, tx, r))(jax.random.key(0, impl="rbg"))}
   step = jax.jit(make_train_step(task, tx, schedule, config.ema_decay), donate_argnums=(0,))
   tv = teacher_variables if m["teacher"] else None
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch, tv).compile()
+  with orepa_branch_path(m.get("path", args.branch_path)):  # read while tracing
+    compiled = step.lower(holder["state"], batch, tv).compile()
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-  for _ in range(args.warmup):
-    state, metrics = compiled(state, batch, tv)
-  jax.block_until_ready((state, metrics))
-  times = []
-  for _ in range(args.steps):
-    t = time.perf_counter()
-    state, metrics = compiled(state, batch, tv)
+
+  def run(n):
+    state = holder["state"]
+    state, metrics = compiled(state, batch, tv)  # not timed: absorbs any pending work
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
-  ms = 1e3 * float(np.median(times))
-  result = {"method": method, "ms_per_step": ms, "img_per_s": args.batch / ms * 1e3,
-            "compile_s": compile_s, "gflop_per_step": flops / 1e9,
-            "tflop_per_s": flops / ms * 1e3 / 1e12, "loss": float(metrics["total"])}
+    start = time.perf_counter()
+    for _ in range(n):
+      state, metrics = compiled(state, batch, tv)
+    jax.block_until_ready((state, metrics))
+    holder["state"], holder["loss"] = state, float(metrics["total"])
+    return (time.perf_counter() - start) / n
+
+  return run, {"compile_s": compile_s, "flops": flops}
+
+
+def bench(args, methods, batch, teacher, teacher_variables):
+  """Compiles every method, then times them round-robin (``--rounds`` × ``--steps`` steps each), so
+  a change of machine load hits all methods alike; reports the median round."""
+  compiled = {m: compile_method(args, m, batch, teacher, teacher_variables) for m in methods}
+  for run, _ in compiled.values():
+    run(args.warmup)
+  times = {m: [] for m in methods}
+  for _ in range(args.rounds):
+    for m in methods:
+      times[m].append(compiled[m][0](args.steps))
+  results = []
   peak = peak_flops(args.dtype)
-  if peak:
-    result["mfu"] = result["tflop_per_s"] * 1e12 / peak
-  return result
+  for m in methods:
+    ms = 1e3 * float(np.median(times[m]))
+    flops = compiled[m][1]["flops"]
+    r = {"method": m, "ms_per_step": ms, "img_per_s": args.batch / ms * 1e3,
+         "ms_per_step_rounds": [1e3 * t for t in times[m]], "compile_s": compiled[m][1]["compile_s"],
+         "gflop_per_step": flops / 1e9, "tflop_per_s": flops / ms * 1e3 / 1e12}
+    if peak:
+      r["mfu"] = r["tflop_per_s"] * 1e12 / peak
+    results.append(r)
+  return results
 
 
 def main():
@@ -108,8 +134,11 @@ def main():
   parser.add_argument("--ratio", type=int, default=2)
   parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
   parser.add_argument("--methods", default=",".join(METHODS))
-  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--steps", type=int, default=5, help="timed steps per method per round")
+  parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--branch_path", default="auto", choices=("auto", "merge", "run"),
+                      help="OREPA forward: per-layer choice, always merge, or always run")
   parser.add_argument("--out", default="")
   args = parser.parse_args()
   methods = args.methods.split(",")
@@ -127,13 +156,13 @@ def main():
 
   device = f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} ({platform.node()})"
   print(f"# {args.teacher} -> {args.student}, batch {args.batch}, {args.image_size}px, "
-        f"{args.dtype}, r={args.ratio}, device {device}, {args.steps} timed steps")
+        f"{args.dtype}, r={args.ratio}, OREPA path {args.branch_path}, device {device}, "
+        f"median of {args.rounds} round-robin rounds of {args.steps} steps")
   print(f"{'method':<18}{'ms/step':>10}{'img/s':>10}{'GFLOP':>10}{'TFLOP/s':>10}{'MFU':>8}"
         f"{'compile s':>11}")
-  results = []
-  for method in methods:
-    r = bench_method(args, method, batch, teacher, teacher_variables)
-    results.append(r)
+  results = bench(args, methods, batch, teacher, teacher_variables)
+  for r in results:
+    method = r["method"]
     mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
     print(f"{method:<18}{r['ms_per_step']:>10.1f}{r['img_per_s']:>10.1f}{r['gflop_per_step']:>10.2f}"
           f"{r['tflop_per_s']:>10.3f}{mfu:>8}{r['compile_s']:>11.1f}", flush=True)
@@ -143,10 +172,11 @@ def main():
     if gpd in by and "dkd" in by:
       ratios[f"{gpd}/dkd"] = {"time": by[gpd]["ms_per_step"] / by["dkd"]["ms_per_step"],
                               "flops": by[gpd]["gflop_per_step"] / by["dkd"]["gflop_per_step"]}
-  if "dkd_gpd" in by and "dkd_gpd_branches" in by:
-    ratios["branches/no_branches"] = {
-        "time": by["dkd_gpd_branches"]["ms_per_step"] / by["dkd_gpd"]["ms_per_step"],
-        "flops": by["dkd_gpd_branches"]["gflop_per_step"] / by["dkd_gpd"]["gflop_per_step"]}
+  for branched in ("dkd_gpd_branches", "dkd_gpd_branches_merge"):
+    if "dkd_gpd" in by and branched in by:
+      ratios[f"{branched}/dkd_gpd"] = {
+          "time": by[branched]["ms_per_step"] / by["dkd_gpd"]["ms_per_step"],
+          "flops": by[branched]["gflop_per_step"] / by["dkd_gpd"]["gflop_per_step"]}
   for name, r in ratios.items():
     print(f"ratio {name}: time {r['time']:.2f}x, FLOPs {r['flops']:.2f}x")
   if args.out:

@@ -11,7 +11,6 @@ dkd or dist and ``gpd.enabled``); GPD from scratch (``loss.base='ce'``, no teach
 from __future__ import annotations
 
 import importlib.util
-import logging
 import math
 import os
 import time
@@ -28,9 +27,6 @@ from gpd_jax.metric_writer import MetricWriter
 from gpd_jax.state import DTYPES, Task, TrainState, build_task, init_state
 from gpd_jax.step import make_eval_step, make_train_step
 from gpd_jax.transforms import export_student
-
-log = logging.getLogger(__name__)
-
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; the last checkpoint (all finite) is kept."""
@@ -118,7 +114,8 @@ def load_teacher(config, workdir: str, num_classes: int, mesh):
           f"config.teacher.workdir: no trained teacher at {teacher_dir!r}. Train one first, e.g. "
           f"`python launch/train.py --config=<teacher config> --workdir={teacher_dir}`, or set "
           "config.teacher.config to have it trained there automatically") from None
-    log.info("training the static teacher with %s in %s", teacher_config, teacher_dir)
+    if jax.process_index() == 0:
+      print(f"gpd_jax: no teacher at {teacher_dir}; training it first with {teacher_config}", flush=True)
     train_and_evaluate(load_config_file(teacher_config), teacher_dir)
   dtype = DTYPES[config.teacher.get("model", {}).get("dtype", "float32")]
   module, variables, info = checkpoint.load_export(teacher_dir, mesh, dtype=dtype)
@@ -245,7 +242,8 @@ def setup(config, workdir: str, *, training: bool = True) -> types.SimpleNamespa
     if training:
       run.train_iter.set_state(data_state)
     run.best = ckpt_info.get("best", {})
-    log.info("resumed from step %d in %s", int(run.state.step), run.ckpt.directory)
+    if jax.process_index() == 0:
+      print(f"gpd_jax: resuming from step {int(run.state.step)} in {run.ckpt.directory}", flush=True)
   elif training:
     run.state = jax.jit(init_fn, out_shardings=run.state_shardings)(rng, pretrained)
   else:

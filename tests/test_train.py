@@ -114,7 +114,7 @@ def test_one_and_eight_devices_give_the_same_loss(tmp_path):
                              rtol=2e-5)
 
 
-@pytest.mark.parametrize("scenario", ["ce", "kd", "dist", "gpd_scratch", "gpd_finetune"])
+@pytest.mark.parametrize("scenario", ["ce", "kd", "dist", "gpd_scratch", "gpd_finetune", "gpd_bf16"])
 def test_scenarios_run(tmp_path, scenario):
   workdir = str(tmp_path)
   make_teacher(workdir)
@@ -122,6 +122,8 @@ def test_scenarios_run(tmp_path, scenario):
     config = tiny_config(gpd=False, teacher=scenario != "ce", base=scenario)
   else:
     config = tiny_config(gpd=True, teacher=False)
+  if scenario == "gpd_bf16":  # mixed precision: bfloat16 compute, float32 params and logits
+    config.model.dtype = "bfloat16"
   if scenario == "gpd_finetune":
     student_dir = str(tmp_path / "student")
     train.train_and_evaluate(tiny_config(gpd=False, teacher=False, steps=1), student_dir)
@@ -130,6 +132,9 @@ def test_scenarios_run(tmp_path, scenario):
   final = train.train_and_evaluate(config, workdir)
   assert np.isfinite(read_metrics(workdir, "train")[-1]["total"])
   assert ("top1_D" in final["eval"]["val"]) == scenario.startswith("gpd")
+  if scenario == "gpd_bf16":
+    _, variables, _ = checkpoint.load_export(workdir)
+    assert {x.dtype for x in jax.tree.leaves(variables)} == {np.dtype("float32")}
 
 
 def test_teacher_is_trained_first_when_configured(tmp_path):
