@@ -87,7 +87,10 @@ def expand_channels(model: nn.Module, variables, *, ratio: int, rng: jax.Array,
     (dt_model, dt_variables).
   """
   ratio = check_ratio(ratio)
-  if getattr(model, "ratio", 1) != 1:
+  if not hasattr(model, "ratio"):  # also with an explicit spec: the DT is model.clone(ratio=r)
+    raise ValueError(f"{type(model).__name__} has no 'ratio' field; GPD models must build their DT "
+                     "as model.clone(ratio=r) (see docs/custom_models.md)")
+  if model.ratio != 1:
     raise ValueError(f"model must be the student (ratio=1), got ratio={model.ratio}")
   if noise_std < 0:
     raise ValueError(f"noise_std must be >= 0, got {noise_std}")
