@@ -84,6 +84,13 @@ def test_gpd_train_eval_checkpoint_resume(tmp_path, devices):
   # The exported plain student is the student view's function (CBR).
   module, variables, info = checkpoint.load_export(workdir)
   assert info["name"] == "resnet8" and type(module) is models.CifarResNet and not module.branches
+  # launch/eval.py's functions: the checkpoint gives the final metrics again, and the exported plain
+  # student scores what its training-time view scored.
+  again = train.evaluate_checkpoint(tiny_config(devices=devices, branches=devices == 1), workdir)
+  np.testing.assert_allclose(again["val"]["top1_S"], val["top1_S"])
+  exported = train.evaluate_export(tiny_config(devices=devices), workdir)
+  np.testing.assert_allclose(exported["val"]["top1"], val["top1_S"])
+  np.testing.assert_allclose(exported["val"]["ce"], val["ce_S"], rtol=1e-5)
   # Running again with more steps resumes at step 2 instead of restarting.
   config = tiny_config(devices=devices, branches=devices == 1, steps=4)
   train.train_and_evaluate(config, workdir)
