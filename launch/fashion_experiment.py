@@ -87,9 +87,11 @@ def main():
   os.makedirs(args.root, exist_ok=True)
   timings = {}
 
-  t = time.time()
-  train_and_evaluate(teacher_config(args), os.path.join(args.root, "teacher"))
-  timings["teacher"] = time.time() - t
+  teacher_dir = os.path.join(args.root, "teacher")
+  if not os.path.isfile(os.path.join(teacher_dir, "export", "model.json")):  # trained once, shared
+    t = time.time()
+    train_and_evaluate(teacher_config(args), teacher_dir)
+    timings["teacher"] = time.time() - t
   runs = {}
   for method in methods:
     for seed in seeds:
