@@ -19,8 +19,7 @@ def get_config(arg=None):
   flags = config_base.parse_arg(arg)
   names = [f for f in flags if f in MODEL_NAMES]
   c = config_base.cifar100_recipe(config_base.base_config(), model=names[0] if names else "resnet8x4")
-  c.teacher.name = "resnet32x4"
-  c.teacher.workdir = "teacher"
+  config_base.static_teacher(c, "resnet32x4")
   c.loss.base = "dkd"
   c.loss.dkd.alpha, c.loss.dkd.beta, c.loss.dkd.temperature = 1.0, 8.0, 4.0
   c.loss.dkd.warmup_steps = 20 * (45_000 // c.batch_size)

@@ -19,8 +19,7 @@ def get_config(arg=None):
   flags = config_base.parse_arg(arg)
   names = [f for f in flags if f in MODEL_NAMES]
   c = config_base.cifar100_recipe(config_base.base_config(), model=names[0] if names else "resnet8x4")
-  c.teacher.name = "resnet32x4"
-  c.teacher.workdir = "teacher"
+  config_base.static_teacher(c, "resnet32x4")
   c.loss.base = "kd"
   c.loss.ce_weight, c.loss.kd_weight = 0.1, 0.9
   c.loss.kd.temperature = 4.0

@@ -16,7 +16,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def get_config(arg=None):
   flags = config_base.parse_arg(arg)
   c = config_base.imagenet_recipe(config_base.base_config(), model="resnet18")
-  config_base.imagenet_teacher(c, "resnet34")
+  config_base.static_teacher(c, "resnet34")
   c.loss.base = "dkd"
   c.loss.dkd.alpha, c.loss.dkd.beta, c.loss.dkd.temperature = 1.0, 0.5, 1.0
   if "runlocal" in flags:

@@ -15,7 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def get_config(arg=None):
   flags = config_base.parse_arg(arg)
   c = config_base.imagenet_recipe(config_base.base_config(), model="mobilenet_v1")
-  config_base.imagenet_teacher(c, "resnet50")
+  config_base.static_teacher(c, "resnet50")
   config_base.imagenet_gpd(c)
   c.loss.base = "dkd"
   c.loss.dkd.alpha, c.loss.dkd.beta, c.loss.dkd.temperature = 1.0, 2.0, 1.0

@@ -176,8 +176,8 @@ def imagenet_recipe(c, *, model="resnet18"):
   return c
 
 
-def imagenet_teacher(c, name):
-  """A static teacher trained by configs/imagenet_ce.py, expected in <workdir>/teacher."""
+def static_teacher(c, name):
+  """A static teacher ``name`` (trained by a ``*_ce.py`` config), expected in <workdir>/teacher."""
   c.teacher.name = name
   c.teacher.workdir = "teacher"
   return c

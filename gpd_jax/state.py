@@ -85,12 +85,12 @@ class TrainState:
     return variables, tree["student_batch_stats"]
 
 
-def model_kwargs(model_config) -> dict:
+def model_kwargs(model_config, field: str = "config.model") -> dict:
   """Module overrides from ``config.model.kwargs`` and the compute dtype ``config.model.dtype``."""
   kwargs = dict(model_config.get("kwargs", {}) or {})
   dtype = model_config.get("dtype", "float32")
   if dtype not in DTYPES:
-    raise ValueError(f"config.model.dtype={dtype!r} is unknown; choose one of {tuple(DTYPES)}")
+    raise ValueError(f"{field}.dtype={dtype!r} is unknown; choose one of {tuple(DTYPES)}")
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
   return {**kwargs, "dtype": DTYPES[dtype]}
 

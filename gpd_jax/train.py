@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gpd_jax import checkpoint, data, losses, optim, sharding
 from gpd_jax.metric_writer import MetricWriter
-from gpd_jax.state import DTYPES, Task, TrainState, build_task, init_state
+from gpd_jax.state import Task, TrainState, build_task, init_state, model_kwargs
 from gpd_jax.step import make_eval_step, make_train_step
 from gpd_jax.transforms import export_student
 
@@ -117,7 +117,7 @@ def load_teacher(config, workdir: str, num_classes: int, mesh):
     if jax.process_index() == 0:
       print(f"gpd_jax: no teacher at {teacher_dir}; training it first with {teacher_config}", flush=True)
     train_and_evaluate(load_config_file(teacher_config), teacher_dir)
-  dtype = DTYPES[config.teacher.get("model", {}).get("dtype", "float32")]
+  dtype = model_kwargs(config.teacher.get("model", {}) or {}, field="config.teacher.model")["dtype"]
   module, variables, info = checkpoint.load_export(teacher_dir, mesh, dtype=dtype)
   if info["name"] != config.teacher.name:
     raise ValueError(f"config.teacher.name={config.teacher.name!r}, but the teacher at {teacher_dir!r} "
