@@ -111,7 +111,13 @@ def build_task(config, *, num_classes: int, sample_shape: tuple[int, ...],
       ratio = check_ratio(config.gpd.ratio)
     except ValueError as e:
       raise ValueError(f"config.gpd.ratio: {e}") from None
-    model = student.clone(ratio=ratio, branches=bool(config.gpd.branches))
+    dt_fields = {"ratio": ratio}
+    if config.gpd.branches:  # a model without OREPA blocks needs no `branches` field
+      if not hasattr(student, "branches"):
+        raise ValueError(f"config.gpd.branches=True, but model {config.model.name!r} has no 'branches' "
+                         "field (OREPA blocks, docs/custom_models.md §1.7); set config.gpd.branches=False")
+      dt_fields["branches"] = True
+    model = student.clone(**dt_fields)
     view_spec = derive_spec(model.clone(ratio=1), ratio, tuple(sample_shape))
   else:
     model, view_spec = student, None
