@@ -29,7 +29,7 @@ import numpy as np
 
 from gpd_jax import losses
 
-__all__ = ["make_objective", "VALID_BASES"]
+__all__ = ["make_objective", "dkd_warmup_steps", "VALID_BASES"]
 
 VALID_BASES = ("ce", "kd", "dkd", "dist")
 
@@ -62,7 +62,30 @@ def _bool(cfg, path, name):
   return bool(value)
 
 
-def _build_kd_term(loss_config):
+def dkd_warmup_steps(dkd_config, steps_per_epoch: int | None = None) -> int:
+  """The DKD warm-up length in steps, from ``warmup_epochs`` (the recipes' unit) or ``warmup_steps``.
+
+  ``warmup_epochs`` (float >= 0, optional field) is turned into steps with the run's real
+  ``steps_per_epoch``, so a shortened run (``:runlocal``, a data cap) gets a warm-up that fits it.
+  ``warmup_steps`` (int >= 0) is an exact step count. At most one of the two may be non-zero.
+  """
+  path = "config.loss.dkd"
+  steps = _get(dkd_config, path, "warmup_steps")
+  if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+    raise ValueError(f"`{path}.warmup_steps` must be an int >= 0, got {steps!r}.")
+  epochs = _float(dkd_config, path, "warmup_epochs") if "warmup_epochs" in dkd_config else 0.0
+  if epochs == 0.0:
+    return int(steps)
+  if steps:
+    raise ValueError(f"`{path}.warmup_epochs`={epochs} and `{path}.warmup_steps`={steps} are both "
+                     "set; keep one (the other 0).")
+  if steps_per_epoch is None or int(steps_per_epoch) < 1:
+    raise ValueError(f"`{path}.warmup_epochs`={epochs} needs the run's steps per epoch "
+                     f"(make_objective(..., steps_per_epoch=N)), got {steps_per_epoch!r}.")
+  return max(1, int(round(epochs * int(steps_per_epoch))))
+
+
+def _build_kd_term(loss_config, steps_per_epoch):
   """Returns ``(kd_fn, warmup_steps)`` with ``kd_fn(z, z_t, y) -> [B]``, or (None, 0)."""
   base = _get(loss_config, "config.loss", "base")
   if base not in VALID_BASES:
@@ -78,12 +101,10 @@ def _build_kd_term(loss_config):
   if base == "dkd":
     alpha = _float(sub, path, "alpha")
     beta = _float(sub, path, "beta")
-    warmup = _get(sub, path, "warmup_steps")
-    if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 0:
-      raise ValueError(f"`{path}.warmup_steps` must be an int >= 0, got {warmup!r}.")
+    warmup = dkd_warmup_steps(sub, steps_per_epoch)
     fn = lambda z, zt, y: losses.dkd(z, zt, y, alpha=alpha, beta=beta,
                                      temperature=temperature)
-    return fn, int(warmup)
+    return fn, warmup
   # base == "dist"
   beta = _float(sub, path, "beta")
   gamma = _float(sub, path, "gamma")
@@ -91,17 +112,19 @@ def _build_kd_term(loss_config):
   return fn, 0
 
 
-def make_objective(loss_config, gpd_config=None):
+def make_objective(loss_config, gpd_config=None, *, steps_per_epoch: int | None = None):
   """Builds the training objective from the config.
 
   Args:
     loss_config: ``config.loss`` (attribute access): ``base``, ``ce_weight``,
       ``kd_weight``, ``label_smoothing``, and the sub-config of the chosen base:
-      ``kd.temperature``; ``dkd.alpha/.beta/.temperature/.warmup_steps``;
+      ``kd.temperature``; ``dkd.alpha/.beta/.temperature/.warmup_epochs/.warmup_steps``;
       ``dist.beta/.gamma/.temperature``. Only the chosen base's sub-config is read.
     gpd_config: ``config.gpd`` or None. When ``enabled``: ``sce_weight``,
       ``sce_smoothing``, ``train_dt_loss``, ``dt_uses_static_kd``,
       ``student_uses_static_kd``.
+    steps_per_epoch: train steps per epoch of the run; needed only to turn
+      ``dkd.warmup_epochs`` into steps (see ``dkd_warmup_steps``).
 
   Returns:
     ``objective(logits, labels, *, step) -> (total, terms)`` where
@@ -109,7 +132,7 @@ def make_objective(loss_config, gpd_config=None):
     - ``logits``: dict of ``[B, K]`` arrays, ``'student'`` always, ``'dt'`` iff GPD is
       enabled, ``'teacher'`` (static teacher) required iff ``base != 'ce'``;
     - ``labels``: ``[B]`` integer labels; ``step``: int, may be traced (DKD warm-up
-      factor ``min(step / warmup_steps, 1)``, 1 when ``warmup_steps == 0``);
+      factor ``min(step / warmup, 1)``, 1 without a warm-up);
     - ``total``: scalar, the weighted loss to differentiate;
     - ``terms``: dict of scalars: unweighted batch means ``'ce_S'``, ``'kd_S'``,
       ``'sce_S'``, ``'ce_D'``, ``'kd_D'`` (only those in the objective), the weighted
@@ -120,7 +143,7 @@ def make_objective(loss_config, gpd_config=None):
     ValueError: unknown ``config.loss.base``, missing/invalid fields (named), or, when
       the objective is called, missing ``'teacher'``/``'dt'`` logits.
   """
-  kd_fn, warmup_steps = _build_kd_term(loss_config)
+  kd_fn, warmup_steps = _build_kd_term(loss_config, steps_per_epoch)
   ce_weight = _float(loss_config, "config.loss", "ce_weight")
   kd_weight = _float(loss_config, "config.loss", "kd_weight")
   label_smoothing = _float(loss_config, "config.loss", "label_smoothing")

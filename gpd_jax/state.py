@@ -96,10 +96,11 @@ def model_kwargs(model_config, field: str = "config.model") -> dict:
 
 
 def build_task(config, *, num_classes: int, sample_shape: tuple[int, ...],
-               teacher: nn.Module | None = None) -> Task:
+               teacher: nn.Module | None = None, steps_per_epoch: int | None = None) -> Task:
   """Modules, student-view spec and objective of ``config`` (no arrays are created).
 
   ``teacher``: the static teacher's module (built from its export), or None.
+  ``steps_per_epoch``: the run's train steps per epoch (turns ``loss.dkd.warmup_epochs`` into steps).
   """
   try:
     student = models.create(config.model.name, num_classes, **model_kwargs(config.model))
@@ -123,7 +124,8 @@ def build_task(config, *, num_classes: int, sample_shape: tuple[int, ...],
     model, view_spec = student, None
   return Task(student=student, model=model, view_spec=view_spec, teacher=teacher,
               teacher_train_mode=bool(config.teacher.get("train_mode", False)),
-              objective=make_objective(config.loss, config.gpd if gpd else None),
+              objective=make_objective(config.loss, config.gpd if gpd else None,
+                                       steps_per_epoch=steps_per_epoch),
               sample_shape=tuple(sample_shape), num_classes=num_classes)
 
 

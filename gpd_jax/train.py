@@ -217,7 +217,7 @@ def setup(config, workdir: str, *, training: bool = True) -> types.SimpleNamespa
   # Modules, teacher, optimizer.
   teacher, run.teacher_variables = load_teacher(config, workdir, info.num_classes, mesh)
   run.task = task = build_task(config, num_classes=info.num_classes, sample_shape=run.sample_shape,
-                               teacher=teacher)
+                               teacher=teacher, steps_per_epoch=run.steps_per_epoch)
   run.schedule = optim.make_schedule(config.schedule, steps_per_epoch=run.steps_per_epoch,
                                      total_steps=run.total_steps)
   run.tx = optim.make_optimizer(config.optim, run.schedule)
