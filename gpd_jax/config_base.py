@@ -178,9 +178,6 @@ def fashion_mnist_recipe(c, *, num_epochs=10):
   return c
 
 
-IMAGENET_STEPS_PER_EPOCH_AT_512 = 1_281_167 // 512
-
-
 def imagenet_recipe(c, *, model="resnet18"):
   """GPD's ImageNet CNN recipe (gpd_method.md §9.1): 100 epochs, global batch 512, SGD 0.1 m 0.9,
   wd 1e-4 on every leaf, ×0.1 at epochs 30/60/90, no warm-up, RandomResizedCrop 224 + flip.

@@ -11,7 +11,6 @@ dkd or dist and ``gpd.enabled``); GPD from scratch (``loss.base='ce'``, no teach
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import time
 import types

@@ -2,7 +2,6 @@
 
 Tiny CIFAR ResNets (widths 4-16) on 16×16 synthetic images keep every run to a few seconds.
 """
-import json
 import os
 import subprocess
 import sys

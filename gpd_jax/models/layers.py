@@ -444,7 +444,6 @@ def orepa_branch_outputs(x: jax.Array, factors: dict, consts: dict, *, depthwise
   k = factors["kernel"].shape[0]
   channels = x.shape[-1]
   groups = channels if depthwise else 1
-  mult = OREPA_DW_MULTIPLIER
   hi = jax.lax.Precision.HIGHEST
 
   def conv2d(inp, kern, group_count, padding=((1, 1), (1, 1))):
