@@ -1,7 +1,7 @@
 """Plain CE training on CIFAR-100 (the baseline; also how the teachers are trained).
 
 The argument picks the model (default resnet8x4), e.g. ``:resnet32x4`` for the teacher.
-Expected: resnet32x4 79.42 %, resnet8x4 72.50 % (kd_losses.md §4.1).
+Expected: resnet32x4 79.42 %, resnet8x4 72.50 % (docs/kd_methods.md §8.1).
 
     python launch/train.py --config=configs/cifar100_ce.py --workdir=W
 

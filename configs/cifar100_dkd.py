@@ -1,5 +1,5 @@
 """DKD on CIFAR-100, resnet32x4 → resnet8x4 (mdistiller: α 1, β 8, T 4, warm-up 20 epochs).
-Expected: 76.32 % (kd_losses.md §4.1).
+Expected: 76.32 % (docs/kd_methods.md §8.1).
 
     python launch/train.py --config=configs/cifar100_ce.py:resnet32x4 --workdir=W/teacher
     python launch/train.py --config=configs/cifar100_dkd.py --workdir=W

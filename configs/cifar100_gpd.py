@@ -1,5 +1,5 @@
 """DKD + GPD on CIFAR-100, resnet32x4 → resnet8x4: mdistiller's DKD recipe plus GPD's settings
-(r 2, six OREPA branches, 3 × SCE, clip 5; gpd_method.md Q12). Not reported by the authors: the
+(r 2, six OREPA branches, 3 × SCE, clip 5; docs/method.md §13, Q12). Not reported by the authors: the
 project's own setting.
 
     python launch/train.py --config=configs/cifar100_ce.py:resnet32x4 --workdir=W/teacher

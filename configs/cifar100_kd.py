@@ -1,5 +1,5 @@
 """KD on CIFAR-100, resnet32x4 → resnet8x4 (mdistiller: τ 4, CE 0.1, KD 0.9).
-Expected: 73.33 % (kd_losses.md §4.1).
+Expected: 73.33 % (docs/kd_methods.md §8.1).
 
     python launch/train.py --config=configs/cifar100_ce.py:resnet32x4 --workdir=W/teacher
     python launch/train.py --config=configs/cifar100_kd.py --workdir=W

@@ -4,7 +4,7 @@ comparison: batch 512, SGD 0.1, ×0.1 at 30/60/90, DKD α 1 β 0.5 T 1, no warm-
     python launch/train.py --config=configs/imagenet_ce.py:resnet34 --workdir=W/teacher
     python launch/train.py --config=configs/imagenet_dkd.py --workdir=W
 
-Expected (gpd_method.md §11.1): 71.70 % top-1 (mdistiller's DKD recipe).
+Expected (docs/method.md §11): 71.70 % top-1 (mdistiller's DKD recipe).
 """
 import os
 

@@ -1,4 +1,4 @@
-"""DKD + GPD on ImageNet, ResNet-34 → ResNet-18: the paper's recipe (gpd_method.md §9.1).
+"""DKD + GPD on ImageNet, ResNet-34 → ResNet-18: the paper's recipe (docs/method.md §9.1).
 
     python launch/train.py --config=configs/imagenet_ce.py:resnet34 --workdir=W/teacher
     python launch/train.py --config=configs/imagenet_gpd.py --workdir=W

@@ -1,4 +1,4 @@
-"""DKD + GPD on ImageNet, ResNet-50 → MobileNetV1 (gpd_method.md §9.1; DKD β 2).
+"""DKD + GPD on ImageNet, ResNet-50 → MobileNetV1 (docs/method.md §9.1; DKD β 2).
 
     python launch/train.py --config=configs/imagenet_ce.py:resnet50 --workdir=W/teacher
     python launch/train.py --config=configs/imagenet_mobilenet_gpd.py --workdir=W

@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.name = ""  # '' = no static teacher
   c.teacher.workdir = ""  # its workdir or export dir; relative paths are under this run's workdir
   c.teacher.config = ""  # 'path.py[:arg]': train the teacher there first if it is missing
-  c.teacher.train_mode = False  # True = batch-stat BN like the reference code (gpd_method.md P1)
+  c.teacher.train_mode = False  # True = batch-stat BN like the reference code (docs/method.md §13, P1)
   c.teacher.model = ml_collections.ConfigDict({"dtype": "float32"})
 
   c.init = ml_collections.ConfigDict()
@@ -179,10 +179,10 @@ def fashion_mnist_recipe(c, *, num_epochs=10):
 
 
 def imagenet_recipe(c, *, model="resnet18"):
-  """GPD's ImageNet CNN recipe (gpd_method.md §9.1): 100 epochs, global batch 512, SGD 0.1 m 0.9,
+  """GPD's ImageNet CNN recipe (docs/method.md §9.1): 100 epochs, global batch 512, SGD 0.1 m 0.9,
   wd 1e-4 on every leaf, ×0.1 at epochs 30/60/90, no warm-up, RandomResizedCrop 224 + flip.
 
-  BN statistics are over the global batch (the reference used per-GPU batches of 128; P10).
+  BN statistics are over the global batch (the reference used per-GPU batches of 128; docs/method.md §13, P10).
   """
   c.model.name = model
   c.dataset.name = "imagenet2012"
@@ -236,7 +236,7 @@ def imagenet_runlocal(c, *, teacher_config=None):
 
 
 def cifar100_recipe(c, *, model="resnet8x4"):
-  """mdistiller's CIFAR-100 recipe (kd_losses.md §2.1): 240 epochs, batch 64, SGD 0.05 m 0.9,
+  """mdistiller's CIFAR-100 recipe (docs/kd_methods.md §2.1): 240 epochs, batch 64, SGD 0.05 m 0.9,
   wd 5e-4, ×0.1 at epochs 150/180/210, pad-4 crop + flip; val = the last 5k of train."""
   c.model.name = model
   c.dataset.name = "cifar100"

@@ -1,7 +1,6 @@
 """Logit losses and logit metrics for KD and GPD (pure functions, per example).
 
-Specs: ``docs/kd_losses.md`` sections 1, 5.1-5.3, 5.17, 6 and ``docs/gpd_method.md``
-section 8.1.
+Specs: ``docs/kd_methods.md`` §1 and §3-§7, and ``docs/method.md`` §8.1.
 
 Conventions shared by every function here:
 
@@ -113,7 +112,7 @@ def _kl_from_log_probs(log_p, log_q, axis=-1):
 # ----------------------------------------------------------------------------------
 
 def cross_entropy(logits, labels, *, label_smoothing=0.0):
-  """Hard-label cross-entropy with optional label smoothing (kd_losses.md §5.17).
+  """Hard-label cross-entropy with optional label smoothing (docs/kd_methods.md §6).
 
   With smoothing ``a`` the target is ``(1 - a)·onehot(y) + a/K``.
 
@@ -155,7 +154,7 @@ def soft_cross_entropy(logits, target_probs):
 
 
 def gpd_sce(student_logits, dt_logits, *, smoothing=0.1):
-  """GPD's T_d -> S term (gpd_method.md §8.1): smoothed soft-target CE at T = 1.
+  """GPD's T_d -> S term (docs/method.md §8.1): smoothed soft-target CE at T = 1.
 
   ``SCE = softCE(z_S, (1 - a)·softmax(sg(z_D)) + a/K)``, which equals the
   reference ``(1 - a)·softCE(z_S, p) + a·mean_c(-log softmax(z_S)_c)``.
@@ -181,7 +180,7 @@ def gpd_sce(student_logits, dt_logits, *, smoothing=0.1):
 # ----------------------------------------------------------------------------------
 
 def kd(student_logits, teacher_logits, *, temperature):
-  """Hinton KD (kd_losses.md §5.1): ``T²·KL(p_t^T ‖ p_s^T)`` per example.
+  """Hinton KD (docs/kd_methods.md §3): ``T²·KL(p_t^T ‖ p_s^T)`` per example.
 
   Args:
     student_logits: ``[B, K]`` student logits.
@@ -217,7 +216,7 @@ def _dkd_log_parts(z, onehot):
 
 
 def dkd(student_logits, teacher_logits, labels, *, alpha, beta, temperature):
-  """Decoupled KD (kd_losses.md §5.2): ``α·TCKD + β·NCKD`` per example.
+  """Decoupled KD (docs/kd_methods.md §4): ``α·TCKD + β·NCKD`` per example.
 
   ``TCKD = T²·KL(b_t ‖ b_s)`` with ``b = [p_y, 1 - p_y]`` of ``softmax(z/T)``;
   ``NCKD = T²·KL(p̂_t ‖ p̂_s)`` with ``p̂`` the softmax over the non-target classes.
@@ -276,7 +275,7 @@ def _pearson(a, b, axis, eps):
 
 def dist(student_logits, teacher_logits, *, beta=1.0, gamma=1.0, temperature=1.0,
          eps=1e-8):
-  """DIST (kd_losses.md §5.3): ``τ²·(β·inter + γ·intra)``, per example.
+  """DIST (docs/kd_methods.md §5): ``τ²·(β·inter + γ·intra)``, per example.
 
   With ``Y = softmax(z/τ)``:
   ``inter_i = 1 - ρ(Y_s[i, :], Y_t[i, :])`` (Pearson over classes, per example) and
@@ -311,7 +310,7 @@ def dist(student_logits, teacher_logits, *, beta=1.0, gamma=1.0, temperature=1.0
 
 
 # ----------------------------------------------------------------------------------
-# Metrics (kd_losses.md §6)
+# Metrics (docs/kd_methods.md §7)
 # ----------------------------------------------------------------------------------
 
 def top_k_correct(logits, labels, k=1):

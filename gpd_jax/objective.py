@@ -1,11 +1,11 @@
-"""The training objective: base KD loss, optionally wrapped by GPD (gpd_method.md §8).
+"""The training objective: base KD loss, optionally wrapped by GPD (docs/method.md §8).
 
 ``make_objective(loss_config, gpd_config)`` reads every weight and hyperparameter from
 the config once, validates it, and returns a jittable
 
     objective(logits, labels, *, step) -> (total, terms)
 
-Semantics (gpd_method.md §8.1, with ``w_ce = loss.ce_weight``, ``w_kd = loss.kd_weight``,
+Semantics (docs/method.md §8.1, with ``w_ce = loss.ce_weight``, ``w_kd = loss.kd_weight``,
 ``w(step)`` the DKD warm-up factor, 1 for other bases):
 
     L_D = w_ce·CE(z_D, y) + w_kd·w(step)·KD(z_D, z_T, y)

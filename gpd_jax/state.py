@@ -116,7 +116,7 @@ def build_task(config, *, num_classes: int, sample_shape: tuple[int, ...],
     if config.gpd.branches:  # a model without OREPA blocks needs no `branches` field
       if not hasattr(student, "branches"):
         raise ValueError(f"config.gpd.branches=True, but model {config.model.name!r} has no 'branches' "
-                         "field (OREPA blocks, docs/custom_models.md §1.7); set config.gpd.branches=False")
+                         "field (OREPA blocks, docs/custom_models.md §1 item 7); set config.gpd.branches=False")
       dt_fields["branches"] = True
     model = student.clone(**dt_fields)
     view_spec = derive_spec(model.clone(ratio=1), ratio, tuple(sample_shape))

@@ -4,7 +4,7 @@ Sections, top to bottom: config checks → mesh → data → task (modules, spec
 teacher → optimizer → state (restored from ``<workdir>/checkpoints`` if there is one, else initialised
 sharded) → jitted steps → loop (log, evaluate, checkpoint) → export of the plain student.
 
-Scenarios (``gpd_method.md`` §8.2) are config choices: GPD with a static teacher (``loss.base`` kd,
+Scenarios (``docs/method.md`` §8.2) are config choices: GPD with a static teacher (``loss.base`` kd,
 dkd or dist and ``gpd.enabled``); GPD from scratch (``loss.base='ce'``, no teacher); GPD fine-tuning
 (``init.student`` names an export); the baselines with ``gpd.enabled=False``.
 """

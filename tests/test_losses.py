@@ -150,7 +150,7 @@ def test_dkd_golden(alpha, beta, t):
 
 @pytest.mark.parametrize("t", [1.0, 4.0])
 def test_kd_equals_tckd_plus_weighted_nckd(t):
-  """Per sample: KD = TCKD + (1 - p_t,y)·NCKD (kd_losses.md §5.2)."""
+  """Per sample: KD = TCKD + (1 - p_t,y)·NCKD (docs/kd_methods.md §4)."""
   tckd = losses.dkd(ZS, ZT, LABELS, alpha=1.0, beta=0.0, temperature=t)
   nckd = losses.dkd(ZS, ZT, LABELS, alpha=0.0, beta=1.0, temperature=t)
   pt_y = np.array([np_softmax(r / t)[y] for r, y in zip(ZT, LABELS)])
@@ -213,7 +213,7 @@ def test_gpd_sce_is_smoothed_soft_ce():
     out = losses.gpd_sce(ZS, ZD, smoothing=a)
     chex.assert_shape(out, (B,))
     close(out, ref_soft_ce(ZS, (1 - a) * p + a / K))
-    # Same as the reference code's split form (gpd_method.md §8.1).
+    # Same as the reference code's split form (docs/kd_methods.md §4).
     split = ((1 - a) * ref_soft_ce(ZS, p)
              + a * np.array([np.mean(-np.log(np_softmax(r))) for r in ZS]))
     close(out, split)

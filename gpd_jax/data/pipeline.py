@@ -32,7 +32,7 @@ Batches are dicts of numpy arrays:
 - eval:  the same plus ``'mask': float32 [b]`` (1 = real example, 0 = padding)
 
 where ``b = global batch // process_count``. ``worker_count > 0`` needs absl flags parsed first
-and an ``if __name__ == '__main__'`` guard in the script (see docs/style.md §9).
+and an ``if __name__ == '__main__'`` guard in the script (worker processes re-import it).
 """
 import functools
 import math

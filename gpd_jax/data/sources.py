@@ -69,7 +69,7 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 _INFOS = {
     "fashion_mnist": DatasetInfo("fashion_mnist", 10, (28, 28, 1), (0.2860,), (0.3530,),
                                  {"train": 60_000, "test": 10_000}),
-    # kd_losses.md §2.2 (CIFAR-10) and §2.1 (CIFAR-100).
+    # docs/kd_methods.md §2.2 (CIFAR-10) and §2.1 (CIFAR-100).
     "cifar10": DatasetInfo("cifar10", 10, (32, 32, 3), (0.4914, 0.4822, 0.4465),
                            (0.2470, 0.2435, 0.2616), {"train": 50_000, "test": 10_000}),
     "cifar100": DatasetInfo("cifar100", 100, (32, 32, 3), (0.5071, 0.4867, 0.4408),
