@@ -362,3 +362,48 @@ def test_reviewkd_gradient_reaches_only_the_student_slice_and_the_connector(fami
     if key.endswith("kernel"):
       assert np.any(np.asarray(g) != 0), key
   assert all(not np.any(np.asarray(g)) for g in g_teacher)
+
+
+# ---------------------------------------------------------------------------------------------
+# ReviewKD connectors of the published GPD recipes (shapes only)
+# ---------------------------------------------------------------------------------------------
+
+
+def abf_param_count(c_in, mid, out, fuse):
+  """conv1 (1×1, no bias) + BN, [attention 1×1 conv 2·mid -> 2 with bias], conv2 (3×3) + BN."""
+  return c_in * mid + 2 * mid + (2 * mid * 2 + 2 if fuse else 0) + 9 * mid * out + 2 * out
+
+
+@pytest.mark.parametrize("student, teacher, in_widths, out_widths, mid", [
+    ("resnet18", "resnet34", (64, 128, 256, 512, 512), (64, 128, 256, 512, 512), 512),
+    ("mobilenet_v1", "resnet50", (128, 256, 512, 1024, 1024), (256, 512, 1024, 2048, 2048), 256),
+])
+def test_reviewkd_gpd_connectors_fit_the_published_pairs(student, teacher, in_widths, out_widths, mid):
+  """The student's and the DT's (×2 inputs) ABF stacks map their levels onto the teacher's
+  pre-ReLU levels, with the reference's parameter count."""
+  x = jnp.zeros((2, 224, 224, 3))
+  levels = {}
+  for key, name, ratio in (("student", student, 1), ("dt", student, 2), ("teacher", teacher, 1)):
+    model = models.create(name, 1000, ratio=ratio, return_features=True)
+    levels[key] = traced_levels(model, x)
+  assert tuple(a.shape[-1] for a in levels["student"]) == in_widths
+  assert tuple(a.shape[-1] for a in levels["dt"]) == tuple(2 * c for c in in_widths)
+  assert tuple(a.shape[-1] for a in levels["teacher"]) == out_widths
+  fusion = fl.ReviewKDFusion(out_features=out_widths, mid_features=mid)
+  for key, ratio in (("student", 1), ("dt", 2)):
+    inputs = tuple(jnp.zeros(a.shape) for a in levels[key])
+    variables = jax.eval_shape(lambda: fusion.init(jax.random.key(0), inputs, train=False))
+    fused = jax.eval_shape(lambda v: fusion.apply(v, inputs, train=False), variables)
+    assert [f.shape for f in fused] == [a.shape for a in levels["teacher"]]
+    count = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(variables["params"]))
+    expected = sum(abf_param_count(ratio * c, mid, o, fuse=i < len(in_widths) - 1)
+                   for i, (c, o) in enumerate(zip(in_widths, out_widths)))
+    assert count == expected
+
+
+def traced_levels(model, x):
+  """ReviewKD levels (pre-ReLU stages + pooled 1×1) of ``model`` on ``x``, as ShapeDtypeStructs."""
+  def run():
+    variables = model.init(jax.random.key(0), x, train=False)
+    return fl.review_levels(model.apply(variables, x, train=False)[1], preact=True)
+  return jax.eval_shape(run)
