@@ -459,7 +459,8 @@ def crd_scores(student_embed: jax.Array, teacher_embed: jax.Array, state: CRDSta
 def crd_nce_loss(scores: jax.Array, num_data: int, *, eps: float = 1e-7) -> jax.Array:
   """CRD's NCE loss for one direction, with noise probability P_n = 1/N and m = K negatives.
 
-  ``−(1/B)·[Σ_b log(x_b0 / (x_b0 + m·P_n + eps)) + Σ_b Σ_{k≥1} log(m·P_n / (x_bk + m·P_n + eps))]``.
+  ``−(1/B)·[Σ_b log(x_b0 / (x_b0 + m·P_n + eps))
+  + Σ_b Σ_{k≥1} log(m·P_n / (x_bk + m·P_n + eps))]``.
 
   Args:
     scores: [B, K+1] normalised scores, column 0 the positive.

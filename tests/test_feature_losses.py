@@ -441,7 +441,8 @@ def test_crd_embed_and_init_state():
   x = rng(17).normal(size=(3, 2, 2, 4)).astype(np.float32)
   embed = fl.CRDEmbed(features=5)
   variables = embed.init(jax.random.key(4), jnp.asarray(x))
-  k, b = np.asarray(variables["params"]["linear"]["kernel"]), np.asarray(variables["params"]["linear"]["bias"])
+  linear = variables["params"]["linear"]
+  k, b = np.asarray(linear["kernel"]), np.asarray(linear["bias"])
   assert k.shape == (16, 5) and np.all(np.abs(k) <= 0.25) and np.all(np.abs(b) <= 0.25)
   close(embed.apply(variables, jnp.asarray(x)), unit_rows(x.reshape(3, -1) @ k + b))
   state = fl.crd_init_state(jax.random.key(5), 100, 12)
