@@ -363,6 +363,25 @@ def test_reviewkd_gradient_reaches_only_the_student_slice_and_the_connector(fami
       assert np.any(np.asarray(g) != 0), key
   assert all(not np.any(np.asarray(g)) for g in g_teacher)
 
+  # The DT's own term (its ×r features through its own connector) reaches every copy, not the head.
+  dt_levels = jax.eval_shape(lambda: fl.review_levels(
+      dt_model.apply({**dt_params, "batch_stats": dt_vars["batch_stats"]}, x, train=False)[1],
+      preact=True))
+  dt_fusion_vars = jit(lambda: fusion.init(
+      jax.random.key(3), tuple(jnp.zeros(a.shape) for a in dt_levels), train=False))()
+
+  def dt_loss_fn(dt_p):
+    (_, feats), _ = dt_model.apply({**dt_p, "batch_stats": dt_vars["batch_stats"]}, x, train=True,
+                                   mutable=["batch_stats"])
+    fused, _ = fusion.apply(dt_fusion_vars, fl.review_levels(feats, preact=True), train=True,
+                            mutable=["batch_stats"])
+    return fl.hcl_loss(fused, t_levels)
+
+  g_dt = transforms.flatten(jit(jax.grad(dt_loss_fn))(dt_params))
+  assert not [k for k, g in g_dt.items() if "/fc/" in k and np.any(np.asarray(g))]
+  kernel = np.asarray(g_dt["params/conv1/kernel"])
+  assert np.any(kernel[..., kernel.shape[-1] // ratio:] != 0), "the DT's other copies got nothing"
+
 
 # ---------------------------------------------------------------------------------------------
 # ReviewKD connectors of the published GPD recipes (shapes only)
