@@ -489,7 +489,6 @@ def widths(base: Sequence[int], ratio: int) -> list[int]:
   return [int(c) * ratio for c in base]
 
 
-
 @flax.struct.dataclass
 class Features:
   """The feature taps of a model, returned next to the logits when ``return_features=True``.
