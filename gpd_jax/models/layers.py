@@ -18,6 +18,7 @@ import dataclasses
 from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -486,3 +487,26 @@ def widths(base: Sequence[int], ratio: int) -> list[int]:
   """Hidden widths of the current mode."""
   return [int(c) * ratio for c in base]
 
+
+@flax.struct.dataclass
+class Features:
+  """The feature taps of a model, returned next to the logits when ``return_features=True``.
+
+  Shapes for a batch of B images; widths are the current mode's (×r in a DT, where every tap carries
+  1/r of the student's activation, copy-major: the IR invariant). N is the number of stages (4 for the
+  ImageNet models, 3 for the CIFAR ResNets and WRNs).
+
+  Attributes:
+    stem: [B, H0, W0, C0] the output at the stem's resolution, after its activation.
+    preact_stem: [B, H0, W0, C0] the same tensor before its last ReLU (``stem`` where there is none).
+    stages: N tensors [B, Hi, Wi, Ci], the output of each stage (the last block of each resolution).
+    preact_stages: N tensors like ``stages``, taken before the stage's last ReLU. In a pre-activation
+      network (WRN) a stage ends without a ReLU; there the tap is the BatchNorm output that precedes
+      the next ReLU (the next stage's first BN, or the final BN for the last stage).
+    pooled: [B, C_N] the globally pooled penultimate feature, the input of the classifier.
+  """
+  stem: jax.Array
+  preact_stem: jax.Array
+  stages: tuple[jax.Array, ...]
+  preact_stages: tuple[jax.Array, ...]
+  pooled: jax.Array
