@@ -6,7 +6,7 @@ A model is built in one of three modes, chosen by two static module fields (no m
 * ``ratio=1, branches=True``: the training-time student view of a DT with OREPA branches;
 * ``ratio=r``: the dynamic teacher, every hidden width ×r (stem input and head output unchanged).
 
-The activation-scale rule (``gpd_method.md`` §3.4): inside a DT every hidden activation carries 1/r of
+The activation-scale rule (``docs/method.md`` §3.4): inside a DT every hidden activation carries 1/r of
 the student's value, so layers that are not positively homogeneous see ``s·x`` and return ``f(s·x)/s``
 with ``s = ratio``. In student mode ``s = 1`` and the wrappers vanish.
 """
@@ -18,6 +18,7 @@ import dataclasses
 from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -263,7 +264,7 @@ class OrepaConv(nn.Module):
 
 
 def merge_orepa_kernel(factors: dict, consts: dict, *, depthwise: bool) -> jax.Array:
-  """Merges OREPA factors into one 3×3 kernel (``gpd_method.md`` §4.2).
+  """Merges OREPA factors into one 3×3 kernel (``docs/method.md`` §4.2).
 
   Args:
     factors: ``kernel`` [3,3,I_g,O], ``a1``/``a2`` [I_g,O], ``e1`` [I_g,T], ``c2`` [3,3,I_g,O],
@@ -444,7 +445,6 @@ def orepa_branch_outputs(x: jax.Array, factors: dict, consts: dict, *, depthwise
   k = factors["kernel"].shape[0]
   channels = x.shape[-1]
   groups = channels if depthwise else 1
-  mult = OREPA_DW_MULTIPLIER
   hi = jax.lax.Precision.HIGHEST
 
   def conv2d(inp, kern, group_count, padding=((1, 1), (1, 1))):
@@ -487,3 +487,26 @@ def widths(base: Sequence[int], ratio: int) -> list[int]:
   """Hidden widths of the current mode."""
   return [int(c) * ratio for c in base]
 
+
+@flax.struct.dataclass
+class Features:
+  """The feature taps of a model, returned next to the logits when ``return_features=True``.
+
+  Shapes for a batch of B images; widths are the current mode's (×r in a DT, where every tap carries
+  1/r of the student's activation, copy-major: the IR invariant). N is the number of stages (4 for the
+  ImageNet models, 3 for the CIFAR ResNets and WRNs).
+
+  Attributes:
+    stem: [B, H0, W0, C0] the output at the stem's resolution, after its activation.
+    preact_stem: [B, H0, W0, C0] the same tensor before its last ReLU (``stem`` where there is none).
+    stages: N tensors [B, Hi, Wi, Ci], the output of each stage (the last block of each resolution).
+    preact_stages: N tensors like ``stages``, taken before the stage's last ReLU. In a pre-activation
+      network (WRN) a stage ends without a ReLU; there the tap is the BatchNorm output that precedes
+      the next ReLU (the next stage's first BN, or the final BN for the last stage).
+    pooled: [B, C_N] the globally pooled penultimate feature, the input of the classifier.
+  """
+  stem: jax.Array
+  preact_stem: jax.Array
+  stages: tuple[jax.Array, ...]
+  preact_stages: tuple[jax.Array, ...]
+  pooled: jax.Array
