@@ -3,15 +3,16 @@
     python launch/train.py --config=configs/fashion_mnist_teacher.py --workdir=runs/fm_teacher
 
 Trains 5 epochs on 55k images (val = the last 5k of train; test evaluated once at the end) and
-exports the plain model to <workdir>/export. ``:runlocal`` trains 2 epochs on 1,024 images.
+exports the plain model to <workdir>/export. ``:runlocal`` trains 2 epochs on 1,024 images; a model
+name (``:resnet14``) trains that model instead of ResNet-20.
 """
 from gpd_jax import config_base
 
 
 def get_config(arg=None):
-  flags = config_base.parse_arg(arg, allowed=("runlocal",))
+  flags = config_base.parse_arg(arg, allowed=("runlocal", *config_base.MODEL_NAMES))
   c = config_base.fashion_mnist_recipe(config_base.base_config(), num_epochs=5)
-  c.model.name = "resnet20"
+  c.model.name = config_base._model_flag(flags, "resnet20")  # e.g. :resnet14 for a second teacher
   c.loss.base = "ce"
   if "runlocal" in flags:
     config_base.shrink_for_local_run(c)

@@ -86,6 +86,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.gpd.dt_uses_static_kd = True
   c.gpd.student_uses_static_kd = True
 
+  # Networks trained alongside the main one, extra frozen teachers, and the terms between them
+  # (gpd_jax/terms.py). Empty = a single trained network, as above.
+  c.online = ml_collections.ConfigDict()
+  c.online.peers = ml_collections.ConfigDict()  # name -> online_peer(...): a trained network
+  c.online.teachers = ml_collections.ConfigDict()  # name -> frozen_teacher(...): like config.teacher
+  c.online.terms = ()  # e.g. ('ce(peer)', 'dml(student<->peer)'): added to config.loss's objective
+  c.online.temperature = 1.0  # T of kd / dml / reverse_kl / bdkd terms
+  c.online.bdkd_gain = 2.0  # BD-KD: weight of the divergence the entropy gap favours
+  c.online.camkd_temperature = 4.0
+  c.online.switch = ml_collections.ConfigDict()  # SwitOKD: pause a peer teacher in expert mode
+  c.online.switch.teacher = ""  # '' = off; else the peer that pauses
+  c.online.switch.student = "student"
+
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"  # 'sgd' | 'adamw'
   c.optim.momentum = 0.9
@@ -135,6 +148,26 @@ def gpd_on(c, *, ratio=2, branches=True):
   c.gpd.ratio = ratio
   c.gpd.branches = branches
   return c
+
+
+def online_peer(model: str, *, kwargs=None, gpd_ratio: int = 0, init: str = "",
+                dtype: str = "float32") -> ml_collections.ConfigDict:
+  """A network trained in the same step (``config.online.peers.<name>``).
+
+  ``gpd_ratio`` > 1 trains it as GPD does (a ×r DT whose view is the peer; logits ``<name>`` and
+  ``<name>_dt``; GPD's other settings come from ``config.gpd``); 0 trains the plain network.
+  ``init``: an export (or a workdir holding one) to start from, relative to the run's workdir.
+  """
+  return ml_collections.ConfigDict({
+      "model": {"name": model, "kwargs": dict(kwargs or {}), "dtype": dtype},
+      "gpd_ratio": int(gpd_ratio), "init": init})
+
+
+def frozen_teacher(name: str, workdir: str, *, config: str = "",
+                   train_mode: bool = False) -> ml_collections.ConfigDict:
+  """An extra frozen teacher (``config.online.teachers.<key>``), read like ``config.teacher``."""
+  return ml_collections.ConfigDict({"name": name, "workdir": workdir, "config": config,
+                                    "train_mode": train_mode, "model": {"dtype": "float32"}})
 
 
 def shrink_for_local_run(c, *, num_train_examples=1024, num_eval_examples=256, batch_size=64,
