@@ -3,13 +3,32 @@
 Every field that ``gpd_jax.train.train_and_evaluate`` reads is defined here, so a typo on the command
 line (``--config.optim.lrr=0.1``) is an error and every field can be overridden there.
 """
+import difflib
+
 import ml_collections
 from ml_collections import config_dict
 
 
+# What a config's ``:arg`` may hold besides model names (which pick the model where a config reads
+# them): a typo must not silently run the full recipe.
+CONFIG_ARGS = ("runlocal",)
+
+
 def parse_arg(arg):
-  """``'runlocal'`` / ``'runlocal,other'`` / None -> set of flags (big_vision style)."""
-  return set(a for a in (arg or "").split(",") if a)
+  """``'runlocal'`` / ``'runlocal,resnet18'`` / None -> set of flags (big_vision style).
+
+  Raises ValueError for a flag that is neither in CONFIG_ARGS nor a model name.
+  """
+  from gpd_jax import models  # pylint: disable=import-outside-toplevel
+  flags = set(a.strip() for a in (arg or "").split(",") if a.strip())
+  known = set(CONFIG_ARGS) | set(models.MODEL_NAMES)
+  unknown = sorted(flags - known)
+  if unknown:
+    close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+    suggestion = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"unknown config argument {unknown[0]!r} in ':{arg}'{suggestion} Known: "
+                     f"{', '.join(CONFIG_ARGS)}, or a model name; fix the text after ':'")
+  return flags
 
 
 def base_config() -> ml_collections.ConfigDict:
