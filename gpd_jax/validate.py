@@ -46,6 +46,7 @@ class Field:
     choices: allowed values, or a function returning them (read when checked).
     optional: None is allowed.
     length: required tuple length.
+    what: what a value is, for messages ('unknown model name ...').
     hint: appended to the message, e.g. what 0 means.
   """
   kind: str
@@ -57,6 +58,7 @@ class Field:
   optional: bool = False
   length: int | None = None
   hint: str = ""
+  what: str = "value"
 
 
 _MODEL_NAMES = lambda: tuple(models.MODEL_NAMES)
@@ -76,10 +78,11 @@ FIELDS: dict[str, Field] = {
                               "delete every checkpoint of the run"),
     "ema_decay": Field("float", 0, 1, high_open=True, hint="0 = no EMA"),
     "select_metric": Field("str"),
-    "model.name": Field("str", choices=_MODEL_NAMES),
+    "model.name": Field("str", choices=_MODEL_NAMES, what="model name"),
     "model.kwargs": Field("dict"),
     "model.dtype": Field("str", choices=tuple(DTYPES)),
-    "teacher.name": Field("str", choices=lambda: ("",) + _MODEL_NAMES(), hint="'' = no teacher"),
+    "teacher.name": Field("str", choices=lambda: ("",) + _MODEL_NAMES(), hint="'' = no teacher",
+                          what="model name"),
     "teacher.workdir": Field("str"),
     "teacher.config": Field("str"),
     "teacher.train_mode": Field("bool"),
@@ -233,7 +236,7 @@ def check_field(path: str, value, field: Field) -> str | None:
     if value not in choices:
       close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
       suggestion = f"; did you mean {close[0]!r}?" if close else ""
-      return f"{name}={value!r} is unknown; choose one of {tuple(choices)}{suggestion}"
+      return f"{name}: unknown {field.what} {value!r}; choose one of {tuple(choices)}{suggestion}"
   return None
 
 
