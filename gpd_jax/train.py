@@ -191,8 +191,9 @@ def _flush(pending: list, first_step: int) -> dict:
     if not metrics["finite"]:
       raise NonFiniteLossError(
           f"the loss became {metrics['total']} at step {first_step + i + 1}; stopping. The last "
-          "checkpoint holds only finite values: lower config.schedule.base_lr, check the data, or "
-          "enable config.optim.clip_norm, then run again to resume from it")
+          "checkpoint holds only finite values: lower config.schedule.base_lr or check the data, "
+          "then run again to resume from it (turning on config.optim.clip_norm changes the "
+          "optimizer state, so it needs a new --workdir)")
   return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0] if k != "finite"}
 
 
@@ -252,7 +253,8 @@ def setup(config, workdir: str, *, training: bool = True) -> types.SimpleNamespa
       run.train_iter.set_state(data_state)
     run.best = ckpt_info.get("best", {})
     if jax.process_index() == 0:
-      print(f"gpd_jax: resuming from step {int(run.state.step)} in {run.ckpt.directory}", flush=True)
+      print(f"gpd_jax: {'resuming from' if training else 'evaluating'} step {int(run.state.step)} in "
+            f"{run.ckpt.directory}", flush=True)
   elif training:
     run.state = jax.jit(init_fn, out_shardings=run.state_shardings)(rng, pretrained)
   else:

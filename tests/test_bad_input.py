@@ -4,6 +4,7 @@ field or file and the fix, no traceback, and nothing on disk changed.
 Every case runs ``launch/train.py``'s or ``launch/eval.py``'s ``main(argv)`` on a tiny synthetic
 config; the cases that need a checkpoint share one 4-step run.
 """
+import glob
 import importlib.util
 import os
 import re
@@ -215,3 +216,11 @@ def test_cli_subprocess_prints_one_line(files, tmp_path):
   assert "error: config.keep_checkpoints=0 must be >= 1" in result.stderr
   assert "Traceback" not in result.stderr
   assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize("arg", ["", ":runlocal"])
+def test_every_shipped_config_passes_the_checks(arg):
+  from gpd_jax import validate  # pylint: disable=import-outside-toplevel
+  from gpd_jax.train import load_config_file  # pylint: disable=import-outside-toplevel
+  for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))):
+    validate.check_config(load_config_file(path + arg))
