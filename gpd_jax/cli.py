@@ -10,6 +10,7 @@ Each launcher's ``main(argv) -> int`` is callable from tests; ``run_cli(main)`` 
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 import traceback
 from typing import Callable
@@ -53,8 +54,10 @@ def _config_spec(argv: list[str]) -> str | None:
 
 
 def _unknown_field(field: str) -> str:
-  close = difflib.get_close_matches(field, list(validate.FIELDS), n=1, cutoff=0.7)
-  suggestion = f"; did you mean --config.{close[0]}?" if close else ""
+  parent, _, last = field.rpartition(".")
+  siblings = {f.rpartition(".")[2]: f for f in validate.FIELDS if f.rpartition(".")[0] == parent}
+  close = difflib.get_close_matches(last, list(siblings), n=1, cutoff=0.7)
+  suggestion = f"; did you mean --config.{siblings[close[0]]}?" if close else ""
   return (f"--config.{field}: config.{field} is not a config field{suggestion} (the fields are "
           "listed in gpd_jax/config_base.py); fix the name")
 
@@ -91,6 +94,11 @@ def parse(flag_values: flags.FlagValues, argv: list[str]) -> None:
     close = difflib.get_close_matches(e.flagname, list(flag_values), n=1)
     suggestion = f"; did you mean --{close[0]}?" if close else ""
     raise UsageError(f"unknown flag --{e.flagname}{suggestion}; run with --help for the flags") from None
+  except flags.IllegalFlagValueError as e:
+    missing = re.search(r"Flag --(\w+) must have a value other than None", str(e))
+    if missing:
+      raise UsageError(f"--{missing.group(1)} is required; give --{missing.group(1)}=...") from None
+    raise UsageError(" ".join(str(e).split()) + "; give a value of the flag's type") from None
   except (flags.Error, ValueError, TypeError, AttributeError, KeyError) as e:
     raise UsageError(" ".join(str(e).split()) + "; give a value of the flag's type") from None
   if len(rest) > 1:

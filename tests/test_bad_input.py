@@ -108,9 +108,10 @@ CASES = {
     "unknown_field_in_file": ("train", ["--config={unknown_field}", "--workdir={new}"], r"config\.dataset\.shuffle_buffer is not a config field"),
     # The command line.
     "unknown_override": ("train", ["--config={tiny}", "--workdir={new}", "--config.optim.lrr=0.1"], r"config\.optim\.lrr is not a config field"),
+    "misspelled_override": ("train", ["--config={tiny}", "--workdir={new}", "--config.optim.momentun=0.5"], r"config\.optim\.momentun is not a config field; did you mean --config\.optim\.momentum"),
     "override_of_wrong_type": ("train", ["--config={tiny}", "--workdir={new}", "--config.batch_size=abc"], r"config\.batch_size=abc.*type"),
     "unknown_flag": ("train", ["--config={tiny}", "--workdir={new}", "--wrokdir=x"], r"unknown flag --wrokdir.*did you mean --workdir"),
-    "missing_workdir_flag": ("train", ["--config={tiny}"], r"--workdir"),
+    "missing_workdir_flag": ("train", ["--config={tiny}"], r"--workdir is required"),
     "stray_argument": ("train", ["--config={tiny}", "--workdir={new}", "extra"], r"unexpected arguments \['extra'\]"),
     # Field types and ranges.
     "batch_size_0": ("train", ["--config={tiny}", "--workdir={new}", "--config.batch_size=0"], r"config\.batch_size=0 must be >= 1"),
