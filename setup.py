@@ -23,7 +23,9 @@ setuptools.setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.89"],
+        # nbclient + nbformat + ipykernel: tests/test_notebook.py executes notebooks/ in a kernel.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.89", "nbclient>=0.10", "nbformat>=5.9",
+                 "ipykernel>=6.29"],
         "cuda12": ["jax[cuda12]>=0.7"],
     },
 )

@@ -1,5 +1,5 @@
 """DKD on CIFAR-100, resnet32x4 → resnet8x4 (mdistiller: α 1, β 8, T 4, warm-up 20 epochs).
-Expected: 76.32 % (kd_losses.md §4.1).
+Expected: 76.32 % (docs/kd_methods.md §8.1).
 
     python launch/train.py --config=configs/cifar100_ce.py:resnet32x4 --workdir=W/teacher
     python launch/train.py --config=configs/cifar100_dkd.py --workdir=W
@@ -10,20 +10,7 @@ The validation split is the last 5k of train; the test split is evaluated once a
 import os
 
 from gpd_jax import config_base
-from gpd_jax.models import MODEL_NAMES
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_config(arg=None):
-  flags = config_base.parse_arg(arg)
-  names = [f for f in flags if f in MODEL_NAMES]
-  c = config_base.cifar100_recipe(config_base.base_config(), model=names[0] if names else "resnet8x4")
-  config_base.static_teacher(c, "resnet32x4")
-  c.loss.base = "dkd"
-  c.loss.dkd.alpha, c.loss.dkd.beta, c.loss.dkd.temperature = 1.0, 8.0, 4.0
-  c.loss.dkd.warmup_steps = 20 * (45_000 // c.batch_size)
-  if "runlocal" in flags:
-    config_base.shrink_for_local_run(c)
-    c.teacher.config = os.path.join(HERE, "cifar100_ce.py:resnet32x4,runlocal")
-  return c
+  return config_base.cifar100_config(arg, method='dkd', config_dir=os.path.dirname(os.path.abspath(__file__)))

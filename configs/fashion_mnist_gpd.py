@@ -17,7 +17,7 @@ from gpd_jax import config_base
 
 
 def get_config(arg=None):
-  flags = config_base.parse_arg(arg)
+  flags = config_base.parse_arg(arg, allowed=("runlocal",))
   c = config_base.fashion_mnist_recipe(config_base.base_config(), num_epochs=5)
   c.model.name = "resnet8"
   c.teacher.name = "resnet20"

@@ -1,4 +1,4 @@
-"""DKD + GPD on ImageNet, ResNet-34 → ResNet-18: the paper's recipe (gpd_method.md §9.1).
+"""DKD + GPD on ImageNet, ResNet-34 → ResNet-18: the paper's recipe (docs/method.md §9.1).
 
     python launch/train.py --config=configs/imagenet_ce.py:resnet34 --workdir=W/teacher
     python launch/train.py --config=configs/imagenet_gpd.py --workdir=W
@@ -13,16 +13,7 @@ import os
 
 from gpd_jax import config_base
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 
 def get_config(arg=None):
-  flags = config_base.parse_arg(arg)
-  c = config_base.imagenet_recipe(config_base.base_config(), model="resnet18")
-  config_base.static_teacher(c, "resnet34")
-  config_base.imagenet_gpd(c)
-  c.loss.base = "dkd"
-  c.loss.dkd.alpha, c.loss.dkd.beta, c.loss.dkd.temperature = 1.0, 0.5, 1.0
-  if "runlocal" in flags:
-    config_base.imagenet_runlocal(c, teacher_config=os.path.join(HERE, "imagenet_ce.py:resnet34,runlocal"))
-  return c
+  return config_base.imagenet_config(arg, model="resnet18", teacher="resnet34", dkd_beta=0.5, gpd=True,
+                                     config_dir=os.path.dirname(os.path.abspath(__file__)))

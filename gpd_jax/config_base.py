@@ -4,31 +4,36 @@ Every field that ``gpd_jax.train.train_and_evaluate`` reads is defined here, so 
 line (``--config.optim.lrr=0.1``) is an error and every field can be overridden there.
 """
 import difflib
+import os
 
 import ml_collections
 from ml_collections import config_dict
 
-
-# What a config's ``:arg`` may hold besides model names (which pick the model where a config reads
-# them): a typo must not silently run the full recipe.
-CONFIG_ARGS = ("runlocal",)
+from gpd_jax.models import MODEL_NAMES
 
 
-def parse_arg(arg):
-  """``'runlocal'`` / ``'runlocal,resnet18'`` / None -> set of flags (big_vision style).
+def parse_arg(arg, *, allowed=None):
+  """``'runlocal'`` / ``'runlocal,resnet32x4'`` / None -> set of flags (big_vision style).
 
-  Raises ValueError for a flag that is neither in CONFIG_ARGS nor a model name.
+  ``allowed``: the flags the config understands; any other one is then an error that lists them
+  (None: no check).
   """
-  from gpd_jax import models  # pylint: disable=import-outside-toplevel
-  flags = set(a.strip() for a in (arg or "").split(",") if a.strip())
-  known = set(CONFIG_ARGS) | set(models.MODEL_NAMES)
-  unknown = sorted(flags - known)
+  flags = set(a for a in (arg or "").split(",") if a)
+  unknown = sorted(flags - set(allowed)) if allowed is not None else []
   if unknown:
-    close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
-    suggestion = f"; did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown config argument {unknown[0]!r} in ':{arg}'{suggestion} Known: "
-                     f"{', '.join(CONFIG_ARGS)}, or a model name; fix the text after ':'")
+    close = difflib.get_close_matches(unknown[0], sorted(allowed), n=1)
+    suggestion = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"config argument {arg!r}: unknown {unknown}{suggestion}; the flags are "
+                     f"{', '.join(sorted(allowed))} (e.g. --config=configs/x.py:runlocal)")
   return flags
+
+
+def _model_flag(flags, default):
+  """The model named among the config-argument flags (``:resnet32x4``), else ``default``."""
+  names = sorted(f for f in flags if f in MODEL_NAMES)
+  if len(names) > 1:
+    raise ValueError(f"config argument names several models {names}; give one")
+  return names[0] if names else default
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -54,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.name = ""  # '' = no static teacher
   c.teacher.workdir = ""  # its workdir or export dir; relative paths are under this run's workdir
   c.teacher.config = ""  # 'path.py[:arg]': train the teacher there first if it is missing
-  c.teacher.train_mode = False  # True = batch-stat BN like the reference code (gpd_method.md P1)
+  c.teacher.train_mode = False  # True = batch-stat BN like the reference code (docs/method.md §13, P1)
   c.teacher.model = ml_collections.ConfigDict({"dtype": "float32"})
 
   c.init = ml_collections.ConfigDict()
@@ -66,8 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.kd_weight = 1.0
   c.loss.label_smoothing = 0.0
   c.loss.kd = ml_collections.ConfigDict({"temperature": 4.0})
+  # DKD warm-up: linear ramp of the KD weight; warmup_epochs is turned into steps with the run's real
+  # steps per epoch; warmup_steps is an exact step count (set one of the two).
   c.loss.dkd = ml_collections.ConfigDict(
-      {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_steps": 0})
+      {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 0.0, "warmup_steps": 0})
   c.loss.dist = ml_collections.ConfigDict({"beta": 1.0, "gamma": 1.0, "temperature": 1.0})
 
   c.gpd = ml_collections.ConfigDict()
@@ -135,7 +142,14 @@ def gpd_on(c, *, ratio=2, branches=True):
 
 def shrink_for_local_run(c, *, num_train_examples=1024, num_eval_examples=256, batch_size=64,
                          num_epochs=2):
-  """``runlocal``: a few steps on a data subset, to check a config end to end on a laptop CPU."""
+  """``runlocal``: a few steps on a data subset, to check a config end to end on a laptop CPU.
+
+  Warm-ups given in epochs keep their share of the run (DKD's 20 of 240 epochs become 1/6 of an epoch
+  in a 2-epoch run), so a quick run exercises the same schedule shape instead of never leaving it.
+  """
+  share = float(num_epochs) / float(c.num_epochs) if c.num_epochs else 1.0
+  c.loss.dkd.warmup_epochs = c.loss.dkd.warmup_epochs * share
+  c.schedule.warmup_epochs = c.schedule.warmup_epochs * share
   c.batch_size = batch_size
   c.eval_batch_size = 128
   c.num_epochs = num_epochs
@@ -167,14 +181,11 @@ def fashion_mnist_recipe(c, *, num_epochs=10):
   return c
 
 
-IMAGENET_STEPS_PER_EPOCH_AT_512 = 1_281_167 // 512
-
-
 def imagenet_recipe(c, *, model="resnet18"):
-  """GPD's ImageNet CNN recipe (gpd_method.md §9.1): 100 epochs, global batch 512, SGD 0.1 m 0.9,
+  """GPD's ImageNet CNN recipe (docs/method.md §9.1): 100 epochs, global batch 512, SGD 0.1 m 0.9,
   wd 1e-4 on every leaf, ×0.1 at epochs 30/60/90, no warm-up, RandomResizedCrop 224 + flip.
 
-  BN statistics are over the global batch (the reference used per-GPU batches of 128; P10).
+  BN statistics are over the global batch (the reference used per-GPU batches of 128; docs/method.md §13, P10).
   """
   c.model.name = model
   c.dataset.name = "imagenet2012"
@@ -228,7 +239,7 @@ def imagenet_runlocal(c, *, teacher_config=None):
 
 
 def cifar100_recipe(c, *, model="resnet8x4"):
-  """mdistiller's CIFAR-100 recipe (kd_losses.md §2.1): 240 epochs, batch 64, SGD 0.05 m 0.9,
+  """mdistiller's CIFAR-100 recipe (docs/kd_methods.md §2.1): 240 epochs, batch 64, SGD 0.05 m 0.9,
   wd 5e-4, ×0.1 at epochs 150/180/210, pad-4 crop + flip; val = the last 5k of train."""
   c.model.name = model
   c.dataset.name = "cifar100"
@@ -245,4 +256,90 @@ def cifar100_recipe(c, *, model="resnet8x4"):
   c.schedule.name = "step"
   c.schedule.base_lr = 0.05
   c.schedule.boundaries = (150, 180, 210)
+  return c
+
+
+def mdistiller_kd(c):
+  """mdistiller's KD on CIFAR-100: τ 4, CE weight 0.1, KD weight 0.9."""
+  c.loss.base = "kd"
+  c.loss.ce_weight, c.loss.kd_weight = 0.1, 0.9
+  c.loss.kd.temperature = 4.0
+  return c
+
+
+def dkd(c, *, alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=0.0):
+  """DKD as the base KD loss (CE weight 1)."""
+  c.loss.base = "dkd"
+  c.loss.dkd.alpha, c.loss.dkd.beta, c.loss.dkd.temperature = alpha, beta, temperature
+  c.loss.dkd.warmup_epochs = float(warmup_epochs)
+  return c
+
+
+CIFAR100_METHODS = ("ce", "kd", "dkd", "dkd_gpd")
+
+
+def cifar100_config(arg, *, method, config_dir):
+  """The configs/cifar100_*.py experiments: mdistiller's recipe, resnet32x4 → resnet8x4 by default.
+
+  Args:
+    arg: the config argument: ``runlocal`` and/or a model name (the student; for ``ce`` the model
+      trained, e.g. ``:resnet32x4`` for the teacher).
+    method: ``'ce'`` (plain training), ``'kd'`` (τ 4, CE 0.1 / KD 0.9), ``'dkd'`` (α 1, β 8, T 4,
+      warm-up 20 epochs) or ``'dkd_gpd'`` (that DKD plus GPD: r 2, OREPA branches, 3 × SCE, clip 5).
+    config_dir: the directory of the config files (``runlocal`` trains its teacher with
+      ``cifar100_ce.py:resnet32x4,runlocal`` from there).
+  """
+  if method not in CIFAR100_METHODS:
+    raise ValueError(f"cifar100_config: method {method!r} is not one of {CIFAR100_METHODS}")
+  flags = parse_arg(arg, allowed=("runlocal", *MODEL_NAMES))
+  c = cifar100_recipe(base_config(), model=_model_flag(flags, "resnet8x4"))
+  if method != "ce":
+    static_teacher(c, "resnet32x4")
+  if method == "kd":
+    mdistiller_kd(c)
+  if method in ("dkd", "dkd_gpd"):
+    dkd(c, alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=20)
+  if method == "dkd_gpd":
+    gpd_on(c, ratio=2, branches=True)
+    c.optim.clip_norm = 5.0
+  if "runlocal" in flags:
+    shrink_for_local_run(c)
+    if c.teacher.name:
+      c.teacher.config = os.path.join(config_dir, "cifar100_ce.py:resnet32x4,runlocal")
+  return c
+
+
+def imagenet_config(arg, *, config_dir, model="resnet18", teacher="", dkd_beta=None, gpd=False,
+                    finetune=False):
+  """The configs/imagenet_*.py experiments: GPD's ImageNet recipe plus the method's settings.
+
+  Args:
+    arg: the config argument: ``runlocal`` (synthetic data, a few steps); for a run without a static
+      teacher also a model name (``imagenet_ce.py:resnet34``).
+    config_dir: the directory of the config files (``runlocal`` trains its teacher with
+      ``imagenet_ce.py:<teacher>,runlocal`` from there).
+    model: the student (default when the argument names none).
+    teacher: the static teacher, expected in ``<workdir>/teacher``; '' for none.
+    dkd_beta: DKD (α 1, T 1, no warm-up) with this β as the base loss; None for CE.
+    gpd: GPD's additions (r 2, OREPA branches, 3 × SCE, clip 5, EMA 0.99996).
+    finetune: scenario (c): start from ``<workdir>/pretrained_student``, 50 epochs, LR 0.01 dropped
+      once at epoch 30, OREPA scales (1, 0, 0, 0, 0, 0).
+  """
+  flags = parse_arg(arg, allowed=("runlocal",) + (() if teacher else MODEL_NAMES))
+  c = imagenet_recipe(base_config(), model=_model_flag(flags, model))
+  if teacher:
+    static_teacher(c, teacher)
+  if gpd:
+    imagenet_gpd(c)
+  if dkd_beta is not None:
+    dkd(c, alpha=1.0, beta=dkd_beta, temperature=1.0)
+  if finetune:
+    c.init.student = "pretrained_student"
+    c.gpd.pretrained_branches = True
+    c.num_epochs = 50.0
+    c.schedule.base_lr = 0.01
+    c.schedule.boundaries = (30,)
+  if "runlocal" in flags:
+    imagenet_runlocal(c, teacher_config=os.path.join(config_dir, f"imagenet_ce.py:{teacher},runlocal")
+                      if teacher else None)
   return c

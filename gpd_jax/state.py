@@ -96,10 +96,11 @@ def model_kwargs(model_config, field: str = "config.model") -> dict:
 
 
 def build_task(config, *, num_classes: int, sample_shape: tuple[int, ...],
-               teacher: nn.Module | None = None) -> Task:
+               teacher: nn.Module | None = None, steps_per_epoch: int | None = None) -> Task:
   """Modules, student-view spec and objective of ``config`` (no arrays are created).
 
   ``teacher``: the static teacher's module (built from its export), or None.
+  ``steps_per_epoch``: the run's train steps per epoch (turns ``loss.dkd.warmup_epochs`` into steps).
   """
   try:
     student = models.create(config.model.name, num_classes, **model_kwargs(config.model))
@@ -111,13 +112,20 @@ def build_task(config, *, num_classes: int, sample_shape: tuple[int, ...],
       ratio = check_ratio(config.gpd.ratio)
     except ValueError as e:
       raise ValueError(f"config.gpd.ratio: {e}") from None
-    model = student.clone(ratio=ratio, branches=bool(config.gpd.branches))
+    dt_fields = {"ratio": ratio}
+    if config.gpd.branches:  # a model without OREPA blocks needs no `branches` field
+      if not hasattr(student, "branches"):
+        raise ValueError(f"config.gpd.branches=True, but model {config.model.name!r} has no 'branches' "
+                         "field (OREPA blocks, docs/custom_models.md §1 item 7); set config.gpd.branches=False")
+      dt_fields["branches"] = True
+    model = student.clone(**dt_fields)
     view_spec = derive_spec(model.clone(ratio=1), ratio, tuple(sample_shape))
   else:
     model, view_spec = student, None
   return Task(student=student, model=model, view_spec=view_spec, teacher=teacher,
               teacher_train_mode=bool(config.teacher.get("train_mode", False)),
-              objective=make_objective(config.loss, config.gpd if gpd else None),
+              objective=make_objective(config.loss, config.gpd if gpd else None,
+                                       steps_per_epoch=steps_per_epoch),
               sample_shape=tuple(sample_shape), num_classes=num_classes)
 
 

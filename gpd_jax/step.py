@@ -1,6 +1,6 @@
 """The train and eval steps: pure functions of (state, batch, teacher variables), jitted by the caller.
 
-One train step (``gpd_method.md`` §8.3): the static teacher's logits outside the gradient; inside the
+One train step (``docs/method.md`` §8.3): the static teacher's logits outside the gradient; inside the
 loss the DT forward (train-mode BN), the student read out of the DT's params by ``student_view`` and
 its forward with its own BN statistics, the objective; one gradient w.r.t. the DT params; optax
 update; EMA of the params and both BN collections.

@@ -4,14 +4,13 @@ Sections, top to bottom: config checks → mesh → data → task (modules, spec
 teacher → optimizer → state (restored from ``<workdir>/checkpoints`` if there is one, else initialised
 sharded) → jitted steps → loop (log, evaluate, checkpoint) → export of the plain student.
 
-Scenarios (``gpd_method.md`` §8.2) are config choices: GPD with a static teacher (``loss.base`` kd,
+Scenarios (``docs/method.md`` §8.2) are config choices: GPD with a static teacher (``loss.base`` kd,
 dkd or dist and ``gpd.enabled``); GPD from scratch (``loss.base='ce'``, no teacher); GPD fine-tuning
 (``init.student`` names an export); the baselines with ``gpd.enabled=False``.
 """
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import time
 import types
@@ -225,7 +224,7 @@ def setup(config, workdir: str, *, training: bool = True) -> types.SimpleNamespa
   # Modules, teacher, optimizer.
   teacher, run.teacher_variables = load_teacher(config, workdir, info.num_classes, mesh)
   run.task = task = build_task(config, num_classes=info.num_classes, sample_shape=run.sample_shape,
-                               teacher=teacher)
+                               teacher=teacher, steps_per_epoch=run.steps_per_epoch)
   run.schedule = optim.make_schedule(config.schedule, steps_per_epoch=run.steps_per_epoch,
                                      total_steps=run.total_steps)
   run.tx = optim.make_optimizer(config.optim, run.schedule)

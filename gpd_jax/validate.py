@@ -47,6 +47,7 @@ class Field:
     optional: None is allowed.
     length: required tuple length.
     what: what a value is, for messages ('unknown model name ...').
+    check: ``check(value) -> problem or None`` for rules a range cannot say (after the kind).
     hint: appended to the message, e.g. what 0 means.
   """
   kind: str
@@ -59,9 +60,25 @@ class Field:
   length: int | None = None
   hint: str = ""
   what: str = "value"
+  check: Callable[[Any], str | None] | None = None
 
 
-_MODEL_NAMES = lambda: tuple(models.MODEL_NAMES)
+def _model_name_problem(name: str) -> str | None:
+  """A shipped or registered model, or a 'package.module:Callable' that imports."""
+  if name in models.available_names():
+    return None
+  if ":" in name:
+    try:
+      models._constructor(name)  # pylint: disable=protected-access  # imports it: the path must resolve
+    except ValueError as e:
+      return f"{e}"
+    return None
+  close = difflib.get_close_matches(name, models.available_names(), n=1)
+  suggestion = f"; did you mean {close[0]!r}?" if close else ""
+  return (f"unknown model name {name!r}{suggestion} Choose one of {models.available_names()}, or "
+          "register your own (models.register, or a 'package.module:Callable' name)")
+
+
 _POSITIVE = dict(low=0, low_open=True)
 _PROBABILITY = dict(low=0, high=1)
 
@@ -78,11 +95,10 @@ FIELDS: dict[str, Field] = {
                               "delete every checkpoint of the run"),
     "ema_decay": Field("float", 0, 1, high_open=True, hint="0 = no EMA"),
     "select_metric": Field("str"),
-    "model.name": Field("str", choices=_MODEL_NAMES, what="model name"),
+    "model.name": Field("str", check=_model_name_problem),
     "model.kwargs": Field("dict"),
     "model.dtype": Field("str", choices=tuple(DTYPES)),
-    "teacher.name": Field("str", choices=lambda: ("",) + _MODEL_NAMES(), hint="'' = no teacher",
-                          what="model name"),
+    "teacher.name": Field("str", check=lambda name: _model_name_problem(name) if name else None),
     "teacher.workdir": Field("str"),
     "teacher.config": Field("str"),
     "teacher.train_mode": Field("bool"),
@@ -96,6 +112,7 @@ FIELDS: dict[str, Field] = {
     "loss.dkd.alpha": Field("float", 0),
     "loss.dkd.beta": Field("float", 0),
     "loss.dkd.temperature": Field("float", **_POSITIVE),
+    "loss.dkd.warmup_epochs": Field("float", 0),
     "loss.dkd.warmup_steps": Field("int", 0),
     "loss.dist.beta": Field("float", 0),
     "loss.dist.gamma": Field("float", 0),
@@ -231,6 +248,10 @@ def check_field(path: str, value, field: Field) -> str | None:
       return f"{name}={value!r} must be a dict{hint}"
   else:
     raise AssertionError(f"FIELDS[{path!r}] has an unknown kind {kind!r}")
+  if field.check is not None:
+    problem = field.check(value)
+    if problem:
+      return f"{name}: {problem}"
   if field.choices is not None:
     choices = field.choices() if callable(field.choices) else field.choices
     if value not in choices:

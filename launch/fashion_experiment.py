@@ -1,13 +1,17 @@
 """GPD against its baselines on Fashion-MNIST: one teacher, then CE / KD / DKD / DKD+GPD / GPD-scratch.
 
-    python launch/fashion_experiment.py --root=runs/fm_experiment --seeds=0,1,2 --epochs=4
+    python launch/fashion_experiment.py --root=runs/fm_experiment --seeds=0,1,2
 
-Protocol: the static teacher (``configs/fashion_mnist_teacher.py``, trained once) and every student
-run share one recipe (``gpd_jax.config_base.fashion_mnist_recipe``: SGD 0.05 cosine, batch 128,
-pad-crop + flip) and epoch count; model selection on the validation split (last 5k of train), the test
-split evaluated once per run, at the end. Each run is an ordinary workdir under ``--root`` (resumable:
-rerunning skips finished runs). Writes ``<root>/summary.json`` and prints a markdown table (mean ± std
-over seeds of the last-epoch val, best val and final test top-1 of the student).
+Every run starts from the offline default's config files, so the defaults are theirs:
+``configs/fashion_mnist_teacher.py`` for the static teacher (trained once, shared) and
+``configs/fashion_mnist_gpd.py`` (DKD + GPD) for the students; each baseline changes only its method
+(``ce``: no teacher; ``kd``: τ 4, CE 0.1 / KD 0.9; ``dkd``: GPD off; ``gpd_scratch``: no teacher, GPD
+on). Gradient clipping 5 (GPD's recipe) applies to every method, for a like-for-like comparison. Model
+selection on the validation split (last 5k of train); the test split is evaluated once per run, at the
+end. Each run is an ordinary workdir under ``--root`` (resumable: rerunning skips finished runs). Writes
+``<root>/summary.json`` and prints a markdown table (mean ± std over seeds of the last-epoch val, best
+val and final test top-1 of the student). ``--runlocal`` shrinks every run as the configs'
+``:runlocal`` does (a smoke test of the whole protocol in a few minutes).
 """
 import argparse
 import json
@@ -18,40 +22,81 @@ import numpy as np
 
 from gpd_jax import config_base
 from gpd_jax.metric_writer import read_metrics
-from gpd_jax.train import train_and_evaluate
+from gpd_jax.train import load_config_file, train_and_evaluate
 
 METHODS = ("ce", "kd", "dkd", "dkd_gpd", "gpd_scratch")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+STUDENT_CONFIG = os.path.join(CONFIG_DIR, "fashion_mnist_gpd.py")
+TEACHER_CONFIG = os.path.join(CONFIG_DIR, "fashion_mnist_teacher.py")
+
+
+def _load(path, runlocal):
+  return load_config_file(path + (":runlocal" if runlocal else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The flags; their defaults are read from the config files."""
+  student = _load(STUDENT_CONFIG, False)
+  teacher = _load(TEACHER_CONFIG, False)
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--root", required=True, help="directory for the teacher, every run and summary.json")
+  p.add_argument("--seeds", default="0,1,2", help="comma-separated student seeds (default: 0,1,2; the "
+                 "teacher uses its config's seed)")
+  p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS} (default: all)")
+  p.add_argument("--epochs", type=float, default=None,
+                 help=f"student epochs (default: configs/fashion_mnist_gpd.py's, {student.num_epochs:g})")
+  p.add_argument("--teacher_epochs", type=float, default=None,
+                 help=f"teacher epochs (default: configs/fashion_mnist_teacher.py's, "
+                      f"{teacher.num_epochs:g})")
+  p.add_argument("--teacher", default=teacher.model.name, help=f"static teacher model name (default: {teacher.model.name})")
+  p.add_argument("--student", default=student.model.name, help=f"student model name (default: {student.model.name})")
+  p.add_argument("--student_widths", default="", help="e.g. 8,8,16,32 for a narrower resnet8 "
+                 "(config.model.kwargs.widths)")
+  p.add_argument("--num_train_examples", type=int, default=0,
+                 help="cap on the 55k train images, for teacher and students (0: the config's)")
+  p.add_argument("--ratio", type=int, default=student.gpd.ratio, help=f"GPD expansion ratio r (default: {student.gpd.ratio})")
+  p.add_argument("--no_branches", action="store_true", default=not student.gpd.branches,
+                 help="GPD without OREPA branches")
+  p.add_argument("--dkd_beta", type=float, default=student.loss.dkd.beta, help=f"DKD β (default: "
+                 f"{student.loss.dkd.beta:g}; α and T are the config's)")
+  p.add_argument("--runlocal", action="store_true", help="shrink every run like the configs' :runlocal")
+  return p
 
 
 def student_config(args, method, seed):
-  c = config_base.fashion_mnist_recipe(config_base.base_config(), num_epochs=args.epochs)
+  """The config of one student run: configs/fashion_mnist_gpd.py with the method's changes."""
+  c = _load(STUDENT_CONFIG, args.runlocal)
   c.seed = seed
+  if args.epochs is not None:
+    c.num_epochs = float(args.epochs)
   c.model.name = args.student
   if args.student_widths:
     c.model.kwargs = {"widths": tuple(int(w) for w in args.student_widths.split(","))}
-  c.dataset.num_train_examples = args.num_train_examples or None
-  c.log_every_steps = 50
-  if method in ("kd", "dkd", "dkd_gpd"):
-    c.teacher.name = args.teacher
-    c.teacher.workdir = os.path.abspath(os.path.join(args.root, "teacher"))
-  if method == "kd":
-    c.loss.base = "kd"
-    c.loss.ce_weight, c.loss.kd_weight = 0.1, 0.9
-    c.loss.kd.temperature = 4.0
-  elif method in ("dkd", "dkd_gpd"):
-    c.loss.base = "dkd"
-    c.loss.dkd.alpha, c.loss.dkd.beta, c.loss.dkd.temperature = 1.0, args.dkd_beta, 4.0
-  if method in ("dkd_gpd", "gpd_scratch"):
-    config_base.gpd_on(c, ratio=args.ratio, branches=not args.no_branches)
-  c.optim.clip_norm = 5.0  # GPD's recipe; applied to every method for a like-for-like comparison
+  if args.num_train_examples:
+    c.dataset.num_train_examples = args.num_train_examples
+  c.teacher.name = args.teacher
+  c.teacher.workdir = os.path.abspath(os.path.join(args.root, "teacher"))
+  c.teacher.config = ""  # trained once by main(), with --teacher_epochs
+  c.loss.dkd.beta = args.dkd_beta
+  c.gpd.ratio = args.ratio
+  c.gpd.branches = not args.no_branches
+  if method in ("ce", "gpd_scratch"):
+    c.teacher.name = c.teacher.workdir = ""
+    c.loss.base = "ce"
+  elif method == "kd":
+    config_base.mdistiller_kd(c)
+  c.gpd.enabled = method in ("dkd_gpd", "gpd_scratch")
   return c
 
 
 def teacher_config(args):
-  c = config_base.fashion_mnist_recipe(config_base.base_config(), num_epochs=args.teacher_epochs)
+  """configs/fashion_mnist_teacher.py with --teacher, --teacher_epochs and the data cap."""
+  c = _load(TEACHER_CONFIG, args.runlocal)
   c.model.name = args.teacher
-  c.dataset.num_train_examples = args.num_train_examples or None
-  c.log_every_steps = 50
+  if args.teacher_epochs is not None:
+    c.num_epochs = float(args.teacher_epochs)
+  if args.num_train_examples:
+    c.dataset.num_train_examples = args.num_train_examples
   return c
 
 
@@ -64,21 +109,9 @@ def summarize(workdir):
           "test_dt": test[-1].get("top1_D", float("nan")) if test else float("nan")}
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--root", required=True)
-  p.add_argument("--seeds", default="0,1,2")
-  p.add_argument("--methods", default=",".join(METHODS))
-  p.add_argument("--epochs", type=float, default=4)
-  p.add_argument("--teacher_epochs", type=float, default=8)
-  p.add_argument("--teacher", default="resnet20")
-  p.add_argument("--student", default="resnet8")
-  p.add_argument("--student_widths", default="", help="e.g. 8,8,16,32 for a narrower resnet8")
-  p.add_argument("--num_train_examples", type=int, default=0, help="cap on the 55k train images")
-  p.add_argument("--ratio", type=int, default=2)
-  p.add_argument("--no_branches", action="store_true")
-  p.add_argument("--dkd_beta", type=float, default=2.0)
-  args = p.parse_args()
+def main(argv=None):
+  p = build_parser()
+  args = p.parse_args(argv)
   methods = args.methods.split(",")
   bad = [m for m in methods if m not in METHODS]
   if bad:

@@ -37,7 +37,7 @@ from gpd_jax import config_base
 from test_train import tiny_config
 
 def get_config(arg=None):
-  config_base.parse_arg(arg)
+  config_base.parse_arg(arg, allowed=("runlocal",))
   return tiny_config(teacher=False, steps=4)
 """
 
@@ -104,7 +104,7 @@ CASES = {
     "broken_config_file": ("train", ["--config={broken}", "--workdir={new}"], r"broken\.py.*does not load.*SyntaxError.*fix"),
     "config_without_get_config": ("train", ["--config={no_get_config}", "--workdir={new}"], r"no get_config"),
     "config_get_config_raises": ("train", ["--config={raises}", "--workdir={new}"], r"raises\.py.*get_config failed.*boom"),
-    "config_arg_typo": ("train", ["--config={tiny}:runlocl", "--workdir={new}"], r"unknown config argument 'runlocl'.*did you mean 'runlocal'"),
+    "config_arg_typo": ("train", ["--config={tiny}:runlocl", "--workdir={new}"], r"config argument 'runlocl': unknown.*did you mean 'runlocal'"),
     "unknown_field_in_file": ("train", ["--config={unknown_field}", "--workdir={new}"], r"config\.dataset\.shuffle_buffer is not a config field"),
     # The command line.
     "unknown_override": ("train", ["--config={tiny}", "--workdir={new}", "--config.optim.lrr=0.1"], r"config\.optim\.lrr is not a config field"),

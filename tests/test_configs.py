@@ -2,13 +2,16 @@
 import glob
 import os
 
+import sys
+
 import numpy as np
 import optax
 import pytest
 
-from gpd_jax import data, models, optim
-from gpd_jax.objective import make_objective
-from gpd_jax.train import load_config_file
+from gpd_jax import config_base, data, models, optim
+from gpd_jax.metric_writer import read_metrics
+from gpd_jax.objective import dkd_warmup_steps, make_objective
+from gpd_jax.train import load_config_file, train_and_evaluate
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.py")))
@@ -27,8 +30,8 @@ def test_config_loads_and_builds(name, arg):
   assert not config.teacher.name or config.teacher.name in models.MODEL_NAMES
   info = data.get_dataset_info(config)
   assert info.num_classes >= 10
-  make_objective(config.loss, config.gpd if config.gpd.enabled else None)
   steps = 100
+  make_objective(config.loss, config.gpd if config.gpd.enabled else None, steps_per_epoch=steps)
   schedule = optim.make_schedule(config.schedule, steps_per_epoch=steps,
                                  total_steps=int(config.num_epochs * steps))
   tx = optim.make_optimizer(config.optim, schedule)
@@ -51,6 +54,7 @@ def test_imagenet_gpd_is_the_paper_recipe():
       True, 2, True, 3.0, 0.1)
   assert (c.loss.base, c.loss.dkd.alpha, c.loss.dkd.beta, c.loss.dkd.temperature,
           c.loss.dkd.warmup_steps) == ("dkd", 1.0, 0.5, 1.0, 0)
+  assert c.loss.dkd.warmup_epochs == 0.0  # GPD's DKD has no warm-up
   spe = 2502
   lr = optim.make_schedule(c.schedule, steps_per_epoch=spe, total_steps=100 * spe)
   np.testing.assert_allclose([lr(0), lr(30 * spe - 1), lr(30 * spe), lr(60 * spe), lr(90 * spe)],
@@ -58,3 +62,69 @@ def test_imagenet_gpd_is_the_paper_recipe():
   mobilenet = load_config_file(os.path.join(CONFIG_DIR, "imagenet_mobilenet_gpd.py"))
   assert (mobilenet.model.name, mobilenet.teacher.name, mobilenet.loss.dkd.beta) == (
       "mobilenet_v1", "resnet50", 2.0)
+
+
+DKD_CONFIGS = [n for n in CONFIGS if load_config_file(os.path.join(CONFIG_DIR, n)).loss.base == "dkd"]
+
+
+@pytest.mark.parametrize("name", DKD_CONFIGS)
+def test_dkd_warmup_fits_the_run(name):
+  """The DKD warm-up is a share of the run in epochs, also when :runlocal shortens the run."""
+  full = load_config_file(os.path.join(CONFIG_DIR, name))
+  local = load_config_file(os.path.join(CONFIG_DIR, name) + ":runlocal")
+  share = full.loss.dkd.warmup_epochs / full.num_epochs
+  if name.startswith("cifar100"):  # mdistiller: 20 of 240 epochs, 703 steps of 64 per epoch
+    assert (full.loss.dkd.warmup_epochs, full.loss.dkd.warmup_steps) == (20.0, 0)
+    assert dkd_warmup_steps(full.loss.dkd, 45_000 // 64) == 14_060
+  steps_per_epoch = local.dataset.num_train_examples // local.batch_size
+  total = int(local.num_epochs * steps_per_epoch)
+  warmup = dkd_warmup_steps(local.loss.dkd, steps_per_epoch)
+  assert warmup < total
+  assert abs(warmup / total - share) <= 1.0 / total  # the same share, up to rounding to a step
+  if share:
+    assert warmup >= 1
+
+
+def test_dkd_warmup_fields_are_checked():
+  dkd = config_base.base_config().loss.dkd
+  dkd.warmup_epochs = 0.5
+  assert dkd_warmup_steps(dkd, 20) == 10
+  with pytest.raises(ValueError, match="warmup_epochs.*steps per epoch"):
+    dkd_warmup_steps(dkd)
+  dkd.warmup_steps = 7
+  with pytest.raises(ValueError, match="both"):
+    dkd_warmup_steps(dkd, 20)
+  dkd.warmup_epochs = 0.0
+  assert dkd_warmup_steps(dkd) == 7  # an exact step count needs no steps per epoch
+  dkd.warmup_epochs = -1.0
+  with pytest.raises(ValueError, match="config.loss.dkd.warmup_epochs"):
+    dkd_warmup_steps(dkd, 20)
+
+
+def test_dkd_warmup_in_epochs_ramps_the_kd_weight_in_a_run(tmp_path):
+  """warmup_epochs=1 with 4 steps per epoch: KD weighs step/4 (step = steps taken before this one)."""
+  sys.path.insert(0, os.path.dirname(__file__))
+  from test_train import make_teacher, tiny_config  # noqa: E402
+  make_teacher(str(tmp_path))
+  config = tiny_config(steps=3, base="dkd")  # 32 synthetic images, batch 8: 4 steps per epoch
+  config.loss.dkd.warmup_epochs = 1.0
+  train_and_evaluate(config, str(tmp_path))
+  for record in read_metrics(str(tmp_path), "train"):
+    factor = (record["step"] - 1) / 4
+    no_kd = record["ce_S"] + record["ce_D"] + 3.0 * record["sce_S"]
+    assert record["kd_S"] > 0 and record["kd_D"] > 0
+    np.testing.assert_allclose(record["total"], no_kd + factor * (record["kd_S"] + record["kd_D"]),
+                               rtol=1e-5)
+
+
+def test_config_arguments_are_checked():
+  cifar = os.path.join(CONFIG_DIR, "cifar100_dkd.py")
+  assert load_config_file(cifar + ":resnet32x4,runlocal").model.name == "resnet32x4"
+  with pytest.raises(ValueError, match="unknown.*runlocl"):
+    load_config_file(cifar + ":runlocl")
+  with pytest.raises(ValueError, match="several models"):
+    load_config_file(cifar + ":resnet8,resnet20")
+  with pytest.raises(ValueError, match="unknown.*resnet34"):  # the student of a distillation is fixed
+    load_config_file(os.path.join(CONFIG_DIR, "imagenet_gpd.py") + ":resnet34")
+  with pytest.raises(ValueError, match="unknown.*runlocl"):
+    load_config_file(os.path.join(CONFIG_DIR, "fashion_mnist_gpd.py") + ":runlocl")

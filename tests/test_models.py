@@ -2,7 +2,7 @@
 
 Counts use ``jax.eval_shape`` on ``init`` (shapes only, no compute) and cover the ``params``
 collection: trainable parameters, BN affine included; BN running statistics and OREPA constants are
-not parameters. The plain, DT and OREPA numbers are those of ``gpd_method.md`` §12, except that our
+not parameters. The plain, DT and OREPA numbers are those of ``docs/method.md`` §12, except that our
 OREPA blocks have no bias on bias-free convs (a documented deviation, ``layers.OrepaConv``): a branched
 count is the §12 count minus the output channels of all OREPA blocks.
 """

@@ -2,7 +2,6 @@
 
 Tiny CIFAR ResNets (widths 4-16) on 16×16 synthetic images keep every run to a few seconds.
 """
-import json
 import os
 import subprocess
 import sys
@@ -210,7 +209,8 @@ def test_bad_config_fields(tmp_path, field, value, match):
 
 
 def test_launcher_without_imagenet_exits_with_instructions(tmp_path):
-  env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path / "tfds"), "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path / "tfds"), "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}  # this checkout's gpd_jax
   result = subprocess.run(
       [sys.executable, os.path.join(ROOT, "launch", "train.py"),
        "--config=" + os.path.join(ROOT, "configs", "imagenet_gpd.py"), f"--workdir={tmp_path / 'w'}"],

@@ -10,7 +10,7 @@ with XLA's CPU backend optimisations off (``FAST_COMPILE``); students, branch IR
 jitted functions are cached per process, so tests of one family share their compilations; IR keys
 are ``unsafe_rbg`` keys, whose draws compile much faster than threefry's on XLA:CPU.
 
-Tolerances: ``max|DT - S| <= 1e-5`` in float32 and ``<= 1e-10`` in float64 (``gpd_method.md`` §14).
+Tolerances: ``max|DT - S| <= 1e-5`` in float32 and ``<= 1e-10`` in float64 (``docs/method.md`` §14).
 Float64 logits are read from the head's Dense output (``capture_intermediates``) because ``head``
 casts logits to float32.
 """

@@ -32,7 +32,7 @@ Batches are dicts of numpy arrays:
 - eval:  the same plus ``'mask': float32 [b]`` (1 = real example, 0 = padding)
 
 where ``b = global batch // process_count``. ``worker_count > 0`` needs absl flags parsed first
-and an ``if __name__ == '__main__'`` guard in the script (see docs/style.md §9).
+and an ``if __name__ == '__main__'`` guard in the script (worker processes re-import it).
 """
 import functools
 import math
@@ -46,115 +46,115 @@ from gpd_jax.data import sources
 
 
 def _get(cfg, key: str, default=None):
-    """``cfg.key`` if the field exists, else ``default`` (a present ``None`` stays ``None``)."""
-    try:
-        return getattr(cfg, key)
-    except (AttributeError, KeyError):
-        return default
+  """``cfg.key`` if the field exists, else ``default`` (a present ``None`` stays ``None``)."""
+  try:
+    return getattr(cfg, key)
+  except (AttributeError, KeyError):
+    return default
 
 
 def _per_host(global_batch: int, process_count: int, field: str) -> int:
-    if process_count < 1:
-        raise ValueError(f"process_count must be >= 1, got {process_count}.")
-    if global_batch <= 0 or global_batch % process_count:
-        raise ValueError(f"{field}={global_batch} must be a positive multiple of the number of "
-                         f"processes ({process_count}); it is the GLOBAL batch size.")
-    return global_batch // process_count
+  if process_count < 1:
+    raise ValueError(f"process_count must be >= 1, got {process_count}.")
+  if global_batch <= 0 or global_batch % process_count:
+    raise ValueError(f"{field}={global_batch} must be a positive multiple of the number of "
+                     f"processes ({process_count}); it is the GLOBAL batch size.")
+  return global_batch // process_count
 
 
 def _check_process(process_index: int, process_count: int) -> None:
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} not in "
-                         f"[0, process_count={process_count}).")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in "
+                     f"[0, process_count={process_count}).")
 
 
 def _seed(config) -> int:
-    seed = int(_get(config, "seed", 0))
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"config.seed must be in [0, 2**32), got {seed}.")
-    return seed
+  seed = int(_get(config, "seed", 0))
+  if not 0 <= seed < 2**32:
+    raise ValueError(f"config.seed must be in [0, 2**32), got {seed}.")
+  return seed
 
 
 def get_dataset_info(config) -> sources.DatasetInfo:
-    """:func:`sources.dataset_info` for ``config.dataset`` (handles 'synthetic')."""
-    d = config.dataset
-    return sources.dataset_info(d.name, image_shape=_get(d, "image_shape"),
-                                num_classes=_get(d, "num_classes"))
+  """:func:`sources.dataset_info` for ``config.dataset`` (handles 'synthetic')."""
+  d = config.dataset
+  return sources.dataset_info(d.name, image_shape=_get(d, "image_shape"),
+                              num_classes=_get(d, "num_classes"))
 
 
 def resolve_split(config, split: Optional[str] = None) -> str:
-    """Split spec for ``split``: None -> train split; a key of ``eval_splits`` -> its value."""
-    d = config.dataset
-    if split is None:
-        return _get(d, "train_split", "train") or "train"
-    eval_splits = _get(d, "eval_splits") or {}
-    return eval_splits[split] if split in eval_splits else split
+  """Split spec for ``split``: None -> train split; a key of ``eval_splits`` -> its value."""
+  d = config.dataset
+  if split is None:
+    return _get(d, "train_split", "train") or "train"
+  eval_splits = _get(d, "eval_splits") or {}
+  return eval_splits[split] if split in eval_splits else split
 
 
 def open_source(config, split: Optional[str] = None, *, cap: Optional[int] = None):
-    """Random-access source for ``split`` (see :func:`resolve_split`), truncated to ``cap``."""
-    d = config.dataset
-    spec = resolve_split(config, split)
-    if d.name == "synthetic":
-        info = get_dataset_info(config)
-        src = sources._synthetic_split(  # pylint: disable=protected-access
-            spec, image_shape=info.image_shape, num_classes=info.num_classes,
-            seed=_seed(config), sizes=_get(d, "synthetic_sizes"))
-    else:
-        src = sources.load_source(d.name, spec, data_dir=_get(d, "data_dir"),
-                                  source_dir=_get(d, "source_dir"))
-    if cap is not None and cap < len(src):
-        src = sources._SliceSource(src, 0, int(cap))  # pylint: disable=protected-access
-    return src
+  """Random-access source for ``split`` (see :func:`resolve_split`), truncated to ``cap``."""
+  d = config.dataset
+  spec = resolve_split(config, split)
+  if d.name == "synthetic":
+    info = get_dataset_info(config)
+    src = sources._synthetic_split(  # pylint: disable=protected-access
+        spec, image_shape=info.image_shape, num_classes=info.num_classes,
+        seed=_seed(config), sizes=_get(d, "synthetic_sizes"))
+  else:
+    src = sources.load_source(d.name, spec, data_dir=_get(d, "data_dir"),
+                              source_dir=_get(d, "source_dir"))
+  if cap is not None and cap < len(src):
+    src = sources._SliceSource(src, 0, int(cap))  # pylint: disable=protected-access
+  return src
 
 
 def num_examples(config, split: Optional[str] = None) -> int:
-    """Examples the pipeline uses: train split (``split=None``, capped by
-    ``num_train_examples``) or an eval split (key of ``eval_splits`` or a split spec, capped by
-    ``num_eval_examples``)."""
-    cap = _get(config.dataset, "num_train_examples" if split is None else "num_eval_examples")
-    return len(open_source(config, split, cap=cap))
+  """Examples the pipeline uses: train split (``split=None``, capped by
+  ``num_train_examples``) or an eval split (key of ``eval_splits`` or a split spec, capped by
+  ``num_eval_examples``)."""
+  cap = _get(config.dataset, "num_train_examples" if split is None else "num_eval_examples")
+  return len(open_source(config, split, cap=cap))
 
 
 def steps_per_epoch(config) -> int:
-    """Train steps per epoch: ``num_examples(config) // config.batch_size`` (global batch)."""
-    return num_examples(config) // int(config.batch_size)
+  """Train steps per epoch: ``num_examples(config) // config.batch_size`` (global batch)."""
+  return num_examples(config) // int(config.batch_size)
 
 
 def eval_steps(config, split: str) -> int:
-    """Batches in one pass over eval ``split``: ``ceil(num_examples / eval_batch_size)``."""
-    return math.ceil(num_examples(config, split) / _eval_batch(config))
+  """Batches in one pass over eval ``split``: ``ceil(num_examples / eval_batch_size)``."""
+  return math.ceil(num_examples(config, split) / _eval_batch(config))
 
 
 def _eval_batch(config) -> int:
-    return int(_get(config, "eval_batch_size", None) or config.batch_size)
+  return int(_get(config, "eval_batch_size", None) or config.batch_size)
 
 
 def _image_size(config, info: sources.DatasetInfo) -> int:
-    size = _get(config.dataset, "image_size")
-    if size is None:
-        if info.image_shape[0] is None or info.image_shape[0] != info.image_shape[1]:
-            raise ValueError(f"config.dataset.image_size is required for {info.name!r}.")
-        size = info.image_shape[0]
-    return int(size)
+  size = _get(config.dataset, "image_size")
+  if size is None:
+    if info.image_shape[0] is None or info.image_shape[0] != info.image_shape[1]:
+      raise ValueError(f"config.dataset.image_size is required for {info.name!r}.")
+    size = info.image_shape[0]
+  return int(size)
 
 
 def _normalizer(config, info: sources.DatasetInfo):
-    mean = _get(config.dataset, "mean") or info.mean
-    std = _get(config.dataset, "std") or info.std
-    return functools.partial(preprocess.normalize_batch, mean=tuple(mean), std=tuple(std))
+  mean = _get(config.dataset, "mean") or info.mean
+  std = _get(config.dataset, "std") or info.std
+  return functools.partial(preprocess.normalize_batch, mean=tuple(mean), std=tuple(std))
 
 
 def _to_iterator(ds: grain.MapDataset, config) -> grain.DatasetIterator:
-    d = config.dataset
-    threads, buffer = _get(d, "num_threads"), _get(d, "prefetch_buffer_size")
-    read_options = grain.ReadOptions(num_threads=2 if threads is None else int(threads),
-                                     prefetch_buffer_size=2 if buffer is None else int(buffer))
-    it_ds = ds.to_iter_dataset(read_options)
-    workers = int(_get(d, "worker_count", 0) or 0)
-    if workers > 0:
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    return iter(it_ds)
+  d = config.dataset
+  threads, buffer = _get(d, "num_threads"), _get(d, "prefetch_buffer_size")
+  read_options = grain.ReadOptions(num_threads=2 if threads is None else int(threads),
+                                   prefetch_buffer_size=2 if buffer is None else int(buffer))
+  it_ds = ds.to_iter_dataset(read_options)
+  workers = int(_get(d, "worker_count", 0) or 0)
+  if workers > 0:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return iter(it_ds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,51 +162,51 @@ def _to_iterator(ds: grain.MapDataset, config) -> grain.DatasetIterator:
 
 
 def train_dataset(config, *, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-    """The infinite training ``grain.MapDataset`` of this host (element = one per-host batch).
+  """The infinite training ``grain.MapDataset`` of this host (element = one per-host batch).
 
-    Each epoch: the (capped) train split is shuffled globally with seed ``config.seed + epoch``,
-    truncated to a multiple of ``process_count`` and dealt round-robin, so hosts read disjoint,
-    equally sized shards; each host then augments (seeded by ``config.seed``, the host and the
-    element's position) and batches with ``drop_remainder``. Every host thus yields
-    ``steps_per_epoch(config)`` batches per epoch, and batches never straddle two epochs.
-    """
-    _check_process(process_index, process_count)
-    d = config.dataset
-    info = get_dataset_info(config)
-    per_host = _per_host(int(config.batch_size), process_count, "config.batch_size")
-    seed = _seed(config)
-    src = open_source(config, None, cap=_get(d, "num_train_examples"))
-    n = len(src)
-    if n // process_count < per_host:
-        raise ValueError(f"Train split {resolve_split(config)!r} of {d.name!r} has {n} examples: "
-                         f"too few for a global batch of {config.batch_size} "
-                         f"({process_count} processes).")
-    ds = grain.MapDataset.source(src).seed(seed).shuffle()
-    ds = ds[:n - n % process_count][process_index::process_count]
-    augment = functools.partial(preprocess.train_example, augment=_get(d, "augment", "none"),
-                                image_size=_image_size(config, info),
-                                crop_padding=int(_get(d, "crop_padding", 4)))
-    ds = ds.random_map(augment, seed=(seed + 0x9E3779B1 * (process_index + 1)) % 2**32)
-    ds = ds.batch(per_host, drop_remainder=True).repeat()  # reshuffles each epoch
-    return ds.map(_normalizer(config, info))
+  Each epoch: the (capped) train split is shuffled globally with seed ``config.seed + epoch``,
+  truncated to a multiple of ``process_count`` and dealt round-robin, so hosts read disjoint,
+  equally sized shards; each host then augments (seeded by ``config.seed``, the host and the
+  element's position) and batches with ``drop_remainder``. Every host thus yields
+  ``steps_per_epoch(config)`` batches per epoch, and batches never straddle two epochs.
+  """
+  _check_process(process_index, process_count)
+  d = config.dataset
+  info = get_dataset_info(config)
+  per_host = _per_host(int(config.batch_size), process_count, "config.batch_size")
+  seed = _seed(config)
+  src = open_source(config, None, cap=_get(d, "num_train_examples"))
+  n = len(src)
+  if n // process_count < per_host:
+    raise ValueError(f"Train split {resolve_split(config)!r} of {d.name!r} has {n} examples: "
+                     f"too few for a global batch of {config.batch_size} "
+                     f"({process_count} processes).")
+  ds = grain.MapDataset.source(src).seed(seed).shuffle()
+  ds = ds[:n - n % process_count][process_index::process_count]
+  augment = functools.partial(preprocess.train_example, augment=_get(d, "augment", "none"),
+                              image_size=_image_size(config, info),
+                              crop_padding=int(_get(d, "crop_padding", 4)))
+  ds = ds.random_map(augment, seed=(seed + 0x9E3779B1 * (process_index + 1)) % 2**32)
+  ds = ds.batch(per_host, drop_remainder=True).repeat()  # reshuffles each epoch
+  return ds.map(_normalizer(config, info))
 
 
 def create_train_iterator(config, *, process_index: int = 0,
                           process_count: int = 1) -> grain.DatasetIterator:
-    """Infinite iterator over this host's training batches.
+  """Infinite iterator over this host's training batches.
 
-    Yields ``{'image': float32 [b, S, S, C], 'label': int32 [b]}`` with
-    ``b = config.batch_size // process_count``. Deterministic for ``config.seed``. The iterator
-    is resumable: ``state = it.get_state()`` (a small dict) can be checkpointed, and
-    ``it.set_state(state)`` on a fresh iterator from the same config continues with the same
-    next batch.
+  Yields ``{'image': float32 [b, S, S, C], 'label': int32 [b]}`` with
+  ``b = config.batch_size // process_count``. Deterministic for ``config.seed``. The iterator
+  is resumable: ``state = it.get_state()`` (a small dict) can be checkpointed, and
+  ``it.set_state(state)`` on a fresh iterator from the same config continues with the same
+  next batch.
 
-    Raises:
-      ValueError: ``config.batch_size`` not divisible by ``process_count``, or too few examples.
-      DatasetNotReadyError: the dataset is not prepared (the message says how).
-    """
-    return _to_iterator(train_dataset(config, process_index=process_index,
-                                      process_count=process_count), config)
+  Raises:
+    ValueError: ``config.batch_size`` not divisible by ``process_count``, or too few examples.
+    DatasetNotReadyError: the dataset is not prepared (the message says how).
+  """
+  return _to_iterator(train_dataset(config, process_index=process_index,
+                                    process_count=process_count), config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,69 +214,69 @@ def create_train_iterator(config, *, process_index: int = 0,
 
 
 class PaddedEvalSource:
-    """This host's share of an eval split, padded so every host gets the same number of batches.
+  """This host's share of an eval split, padded so every host gets the same number of batches.
 
-    Position ``k`` of host ``p`` is the global index ``j = p + k * process_count``; indices
-    ``j >= num_examples`` are padding (a copy of example ``j % num_examples`` with
-    ``mask = 0``). Records: ``{'image': ..., 'label': ..., 'mask': float32 []}``.
-    """
+  Position ``k`` of host ``p`` is the global index ``j = p + k * process_count``; indices
+  ``j >= num_examples`` are padding (a copy of example ``j % num_examples`` with
+  ``mask = 0``). Records: ``{'image': ..., 'label': ..., 'mask': float32 []}``.
+  """
 
-    def __init__(self, source, *, global_batch: int, process_index: int, process_count: int):
-        self.source = source
-        self.num_examples = len(source)
-        self.process_index, self.process_count = process_index, process_count
-        num_batches = math.ceil(self.num_examples / global_batch)
-        self._len = num_batches * global_batch // process_count
+  def __init__(self, source, *, global_batch: int, process_index: int, process_count: int):
+    self.source = source
+    self.num_examples = len(source)
+    self.process_index, self.process_count = process_index, process_count
+    num_batches = math.ceil(self.num_examples / global_batch)
+    self._len = num_batches * global_batch // process_count
 
-    def __len__(self) -> int:
-        return self._len
+  def __len__(self) -> int:
+    return self._len
 
-    def __getitem__(self, k: int) -> dict:
-        if not 0 <= k < self._len:
-            raise IndexError(f"index {k} out of range [0, {self._len}).")
-        j = self.process_index + int(k) * self.process_count
-        record = dict(self.source[j % self.num_examples])
-        record["mask"] = np.float32(j < self.num_examples)
-        return record
+  def __getitem__(self, k: int) -> dict:
+    if not 0 <= k < self._len:
+      raise IndexError(f"index {k} out of range [0, {self._len}).")
+    j = self.process_index + int(k) * self.process_count
+    record = dict(self.source[j % self.num_examples])
+    record["mask"] = np.float32(j < self.num_examples)
+    return record
 
 
 def _eval_example(record: dict, *, augment: str, image_size: int) -> dict:
-    out = preprocess.eval_example(record, augment=augment, image_size=image_size)
-    out["mask"] = np.float32(record["mask"])
-    return out
+  out = preprocess.eval_example(record, augment=augment, image_size=image_size)
+  out["mask"] = np.float32(record["mask"])
+  return out
 
 
 def eval_dataset(config, split: str, *, process_index: int = 0,
                  process_count: int = 1) -> grain.MapDataset:
-    """The finite eval ``grain.MapDataset`` of this host (element = one per-host batch).
+  """The finite eval ``grain.MapDataset`` of this host (element = one per-host batch).
 
-    Examples are dealt round-robin to hosts and the split is padded up to a multiple of the
-    global ``config.eval_batch_size``, so all hosts run ``eval_steps(config, split)`` batches
-    and every example appears with ``mask == 1`` exactly once across hosts and batches.
-    """
-    _check_process(process_index, process_count)
-    d = config.dataset
-    info = get_dataset_info(config)
-    global_batch = _eval_batch(config)
-    per_host = _per_host(global_batch, process_count, "config.eval_batch_size")
-    src = open_source(config, split, cap=_get(d, "num_eval_examples"))
-    if len(src) == 0:
-        raise ValueError(f"Eval split {resolve_split(config, split)!r} of {d.name!r} is empty.")
-    padded = PaddedEvalSource(src, global_batch=global_batch, process_index=process_index,
-                              process_count=process_count)
-    fn = functools.partial(_eval_example, augment=_get(d, "augment", "none"),
-                           image_size=_image_size(config, info))
-    ds = grain.MapDataset.source(padded).map(fn).batch(per_host, drop_remainder=True)
-    return ds.map(_normalizer(config, info))
+  Examples are dealt round-robin to hosts and the split is padded up to a multiple of the
+  global ``config.eval_batch_size``, so all hosts run ``eval_steps(config, split)`` batches
+  and every example appears with ``mask == 1`` exactly once across hosts and batches.
+  """
+  _check_process(process_index, process_count)
+  d = config.dataset
+  info = get_dataset_info(config)
+  global_batch = _eval_batch(config)
+  per_host = _per_host(global_batch, process_count, "config.eval_batch_size")
+  src = open_source(config, split, cap=_get(d, "num_eval_examples"))
+  if len(src) == 0:
+    raise ValueError(f"Eval split {resolve_split(config, split)!r} of {d.name!r} is empty.")
+  padded = PaddedEvalSource(src, global_batch=global_batch, process_index=process_index,
+                            process_count=process_count)
+  fn = functools.partial(_eval_example, augment=_get(d, "augment", "none"),
+                         image_size=_image_size(config, info))
+  ds = grain.MapDataset.source(padded).map(fn).batch(per_host, drop_remainder=True)
+  return ds.map(_normalizer(config, info))
 
 
 def create_eval_iterator(config, split: str, *, process_index: int = 0,
                          process_count: int = 1) -> grain.DatasetIterator:
-    """One pass over eval ``split`` (a key of ``config.dataset.eval_splits`` or a split spec).
+  """One pass over eval ``split`` (a key of ``config.dataset.eval_splits`` or a split spec).
 
-    Yields ``{'image': float32 [b, S, S, C], 'label': int32 [b], 'mask': float32 [b]}`` with
-    ``b = config.eval_batch_size // process_count``; the last batches are padded (mask 0), so
-    sum metrics weighted by ``mask`` and divide by ``mask.sum()`` (summed over hosts).
-    """
-    return _to_iterator(eval_dataset(config, split, process_index=process_index,
-                                     process_count=process_count), config)
+  Yields ``{'image': float32 [b, S, S, C], 'label': int32 [b], 'mask': float32 [b]}`` with
+  ``b = config.eval_batch_size // process_count``; the last batches are padded (mask 0), so
+  sum metrics weighted by ``mask`` and divide by ``mask.sum()`` (summed over hosts).
+  """
+  return _to_iterator(eval_dataset(config, split, process_index=process_index,
+                                   process_count=process_count), config)

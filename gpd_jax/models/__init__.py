@@ -3,10 +3,21 @@
 Every model is a Linen module with static fields ``ratio`` (1 = student; r = its dynamic teacher) and
 ``branches`` (OREPA blocks on 3×3 stride-1 convs), applied flax-examples style:
 ``model.apply(variables, images, train=bool)`` with images [B, H, W, C] (any C).
+
+Your own model trains through the same config field ``config.model.name`` in one of two ways:
+
+* ``'my_package.my_module:MyNet'``: a module path and a callable in it, imported when the model is built
+  (so a later ``launch/eval.py`` or ``checkpoint.load_export`` finds it too, given the same ``PYTHONPATH``);
+* ``models.register('my_net', MyNet)`` in the config file (or before ``train_and_evaluate``), then
+  ``config.model.name = 'my_net'``.
+
+The module must follow docs/custom_models.md §1 (a ``ratio`` field and the activation-scale rule).
 """
 from __future__ import annotations
 
 import functools
+import importlib
+from typing import Callable
 
 import flax.linen as nn
 
@@ -35,21 +46,94 @@ _REGISTRY = {
     "wrn_40_2": functools.partial(WideResNet, depth=40, widen_factor=2),
 }
 
-MODEL_NAMES = tuple(sorted(_REGISTRY))
+MODEL_NAMES = tuple(sorted(_REGISTRY))  # the models shipped with gpd_jax
+
+# Models added at run time by ``register``; kept apart so the shipped names cannot be shadowed.
+_REGISTERED: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str, constructor: Callable[..., nn.Module]) -> None:
+  """Makes ``create(name, ...)`` (and so ``config.model.name = name``) build ``constructor``.
+
+  Args:
+    name: a new model name; not a shipped one and without ':' (reserved for module paths).
+    constructor: called as ``constructor(num_classes=K, dtype=..., **config.model.kwargs)``; returns
+      the plain student, a Linen module with a ``ratio`` field (docs/custom_models.md §1). A Linen
+      module class with ``num_classes`` and ``dtype`` fields is such a callable.
+
+  Registering the same constructor twice is a no-op (config files may run more than once); another
+  constructor under a taken name is an error.
+  """
+  if not isinstance(name, str) or not name or ":" in name:
+    raise ValueError(f"models.register: the name must be a non-empty string without ':', got {name!r}")
+  if name in _REGISTRY:
+    raise ValueError(f"models.register: {name!r} is a shipped model; pick another name")
+  if not callable(constructor):
+    raise ValueError(f"models.register({name!r}, ...): the constructor must be callable (e.g. a Linen "
+                     f"module class), got {constructor!r}")
+  if _REGISTERED.get(name, constructor) is not constructor:
+    raise ValueError(f"models.register: {name!r} is already registered to {_REGISTERED[name]!r}")
+  _REGISTERED[name] = constructor
+
+
+def available_names() -> tuple[str, ...]:
+  """The shipped and the registered model names (module paths ``pkg.mod:Callable`` work as well)."""
+  return tuple(sorted({*_REGISTRY, *_REGISTERED}))
+
+
+def _import_constructor(name: str) -> Callable[..., nn.Module]:
+  """``'pkg.module:Callable'`` -> the callable, with errors that say what to fix."""
+  module_path, _, attr = name.partition(":")
+  if not module_path or not attr:
+    raise ValueError(f"model name {name!r}: a module path must read 'package.module:Callable'")
+  try:
+    module = importlib.import_module(module_path)
+  except ImportError as e:
+    raise ValueError(f"model name {name!r}: cannot import {module_path!r} ({e}); put its directory on "
+                     "PYTHONPATH or install it") from None
+  constructor = module
+  for part in attr.split("."):
+    constructor = getattr(constructor, part, None)
+  if not callable(constructor):
+    raise ValueError(f"model name {name!r}: {module_path!r} has no callable {attr!r}")
+  return constructor
+
+
+def _constructor(name: str) -> Callable[..., nn.Module]:
+  if not isinstance(name, str):
+    raise ValueError(f"model name must be a string, got {name!r}")
+  if name in _REGISTRY:
+    return _REGISTRY[name]
+  if name in _REGISTERED:
+    return _REGISTERED[name]
+  if ":" in name:
+    return _import_constructor(name)
+  raise ValueError(f"unknown model name {name!r}; choose one of: {', '.join(available_names())}; or "
+                   "register your own (models.register, or a 'package.module:Callable' name)")
 
 
 def create(name: str, num_classes: int, **kwargs) -> nn.Module:
   """Builds the plain student module ``name`` with ``num_classes`` outputs.
 
+  ``name``: a shipped model (``MODEL_NAMES``), a ``register``-ed one, or ``'package.module:Callable'``.
   Extra keyword arguments override module fields (e.g. ``widths=(8, 8, 16, 32)`` for a tiny test
   variant, ``dtype=jnp.bfloat16`` for mixed-precision compute).
   """
-  if name not in _REGISTRY:
-    raise ValueError(f"unknown model name {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+  constructor = _constructor(name)
   if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
     raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-  return _REGISTRY[name](num_classes=num_classes, **kwargs)
+  if name in _REGISTRY:
+    return constructor(num_classes=num_classes, **kwargs)
+  try:
+    module = constructor(num_classes=num_classes, **kwargs)
+  except TypeError as e:
+    raise TypeError(f"model {name!r}: {e}. A model constructor takes num_classes, dtype and the fields "
+                    "in config.model.kwargs (a Linen module with those fields does)") from None
+  if not isinstance(module, nn.Module):
+    raise TypeError(f"model {name!r}: the constructor returned {type(module).__name__}, not a Linen "
+                    "module")
+  return module
 
 
-__all__ = ["create", "MODEL_NAMES", "ResNet", "CifarResNet", "WideResNet", "MobileNetV1",
-           "BasicBlock", "Bottleneck", "WideBasicBlock"]
+__all__ = ["create", "register", "available_names", "MODEL_NAMES", "ResNet", "CifarResNet", "WideResNet",
+           "MobileNetV1", "BasicBlock", "Bottleneck", "WideBasicBlock"]

@@ -6,7 +6,7 @@ A model is built in one of three modes, chosen by two static module fields (no m
 * ``ratio=1, branches=True``: the training-time student view of a DT with OREPA branches;
 * ``ratio=r``: the dynamic teacher, every hidden width ×r (stem input and head output unchanged).
 
-The activation-scale rule (``gpd_method.md`` §3.4): inside a DT every hidden activation carries 1/r of
+The activation-scale rule (``docs/method.md`` §3.4): inside a DT every hidden activation carries 1/r of
 the student's value, so layers that are not positively homogeneous see ``s·x`` and return ``f(s·x)/s``
 with ``s = ratio``. In student mode ``s = 1`` and the wrappers vanish.
 """
@@ -263,7 +263,7 @@ class OrepaConv(nn.Module):
 
 
 def merge_orepa_kernel(factors: dict, consts: dict, *, depthwise: bool) -> jax.Array:
-  """Merges OREPA factors into one 3×3 kernel (``gpd_method.md`` §4.2).
+  """Merges OREPA factors into one 3×3 kernel (``docs/method.md`` §4.2).
 
   Args:
     factors: ``kernel`` [3,3,I_g,O], ``a1``/``a2`` [I_g,O], ``e1`` [I_g,T], ``c2`` [3,3,I_g,O],
@@ -444,7 +444,6 @@ def orepa_branch_outputs(x: jax.Array, factors: dict, consts: dict, *, depthwise
   k = factors["kernel"].shape[0]
   channels = x.shape[-1]
   groups = channels if depthwise else 1
-  mult = OREPA_DW_MULTIPLIER
   hi = jax.lax.Precision.HIGHEST
 
   def conv2d(inp, kern, group_count, padding=((1, 1), (1, 1))):

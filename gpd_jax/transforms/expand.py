@@ -1,6 +1,6 @@
 """Inverse reparameterization (IR): a student -> its function-preserving dynamic teacher (DT).
 
-``gpd_method.md`` §3 (channels) and §4 (OREPA branches). Every DT channel copy carries 1/r of the
+``docs/method.md`` §3 (channels) and §4 (OREPA branches). Every DT channel copy carries 1/r of the
 student's activation ("1/r-scaled replica" convention, copy-major layout): rescaled leaves are divided by
 r, widened axes are tiled r times, and each tiling adds fresh N(0, σ²) noise to every copy.
 """
@@ -120,7 +120,7 @@ def expand_channels(model: nn.Module, variables, *, ratio: int, rng: jax.Array,
 def expand(model: nn.Module, variables, *, ratio: int, rng: jax.Array, noise_std: float = 1e-6,
            branches: bool = False, pretrained: bool = True, spec: ExpansionSpec | None = None,
            sample_input: jax.Array | None = None):
-  """IR: builds the dynamic teacher of a student (``gpd_method.md`` §3-§4).
+  """IR: builds the dynamic teacher of a student (``docs/method.md`` §3-§4).
 
   Args:
     model: the plain student module (``ratio=1``, ``branches=False``).

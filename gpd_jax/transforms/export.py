@@ -1,4 +1,4 @@
-"""CBR: exports the deployable plain student from a trained DT (``gpd_method.md`` §6).
+"""CBR: exports the deployable plain student from a trained DT (``docs/method.md`` §6).
 
 Channel step: the student view (slice + rescale of every factor). Branch step: each OREPA block merges
 its own sliced factors into one 3×3 kernel. The result has the plain student's architecture, the module

@@ -5,7 +5,7 @@ A spec maps every variable leaf of a model, keyed ``"collection/module/.../name"
 
 * ``tiled_axes``: the axes that are r× wider in the DT, in the order IR tiles them (output axis first);
 * ``rescale``: IR divides the leaf by r and the student view multiplies its slice by r (kernels and
-  biases of groups-1 convs/dense layers whose output is widened; ``gpd_method.md`` §3.2, §5.1);
+  biases of groups-1 convs/dense layers whose output is widened; ``docs/method.md`` §3.2, §5.1);
 * ``noise``: IR adds fresh N(0, σ²) noise after each tiling (everything but BN running statistics).
 
 It also lists the OREPA blocks (``branch_blocks``: module path -> depthwise?) so export can merge them.
@@ -71,7 +71,7 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
 
 
 def check_ratio(ratio: Any) -> int:
-  """IR needs an integer ratio >= 2 (the reference code's integer-r scheme, §3.6)."""
+  """IR needs an integer ratio >= 2 (the reference code's integer-r scheme, docs/method.md §3.6)."""
   if isinstance(ratio, bool) or not isinstance(ratio, (int, np.integer)) or ratio < 2:
     raise ValueError(f"ratio must be an integer >= 2 (the DT is r× wider than the student), got {ratio!r}")
   return int(ratio)

@@ -1,4 +1,4 @@
-"""The student as a differentiable view of the DT's parameters (GPD's hard strategy, §5).
+"""The student as a differentiable view of the DT's parameters (GPD's hard strategy, docs/method.md §5).
 
 The student owns no parameters: at every step it is read out of the DT's tree as the first channel
 slice of every widened axis, with rescaled leaves multiplied by r. Autodiff through the slice puts the

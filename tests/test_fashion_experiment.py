@@ -1,0 +1,67 @@
+"""launch/fashion_experiment.py builds every run on the config files, with help text on every flag."""
+import importlib.util
+import os
+
+import pytest
+
+from gpd_jax.objective import make_objective
+from gpd_jax.train import load_config_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def experiment():
+  spec = importlib.util.spec_from_file_location(
+      "fashion_experiment", os.path.join(ROOT, "launch", "fashion_experiment.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_every_flag_has_help_and_the_config_defaults(experiment):
+  parser = experiment.build_parser()
+  for action in parser._actions:
+    assert action.help, f"{action.option_strings} has no help text"
+  args = parser.parse_args(["--root=/tmp/x"])
+  student = load_config_file(os.path.join(ROOT, "configs", "fashion_mnist_gpd.py"))
+  teacher = load_config_file(os.path.join(ROOT, "configs", "fashion_mnist_teacher.py"))
+  assert args.epochs is None and args.teacher_epochs is None  # the config's (also with --runlocal)
+  assert f"{student.num_epochs:g}" in parser.format_help()
+  assert (args.student, args.teacher) == (student.model.name, teacher.model.name)
+  assert (args.ratio, not args.no_branches, args.dkd_beta) == (
+      student.gpd.ratio, student.gpd.branches, student.loss.dkd.beta)
+
+
+def test_dkd_gpd_run_is_the_offline_default_config(experiment, tmp_path):
+  args = experiment.build_parser().parse_args([f"--root={tmp_path}"])
+  built = experiment.student_config(args, "dkd_gpd", seed=0).to_dict()
+  default = load_config_file(os.path.join(ROOT, "configs", "fashion_mnist_gpd.py")).to_dict()
+  assert built["teacher"].pop("workdir") == str(tmp_path / "teacher")
+  assert built["teacher"].pop("config") == ""  # the experiment trains its shared teacher itself
+  for key in ("workdir", "config"):
+    default["teacher"].pop(key)
+  assert built == default
+  teacher = experiment.teacher_config(args).to_dict()
+  assert teacher == load_config_file(os.path.join(ROOT, "configs", "fashion_mnist_teacher.py")).to_dict()
+  args = experiment.build_parser().parse_args([f"--root={tmp_path}", "--epochs=3", "--teacher_epochs=4"])
+  assert experiment.student_config(args, "dkd", seed=0).num_epochs == 3.0
+  assert experiment.teacher_config(args).num_epochs == 4.0
+
+
+def test_each_method_changes_only_its_method(experiment, tmp_path):
+  args = experiment.build_parser().parse_args([f"--root={tmp_path}", "--runlocal", "--seeds=1",
+                                               "--num_train_examples=512"])
+  expected = {  # (loss.base, teacher?, GPD?)
+      "ce": ("ce", False, False), "kd": ("kd", True, False), "dkd": ("dkd", True, False),
+      "dkd_gpd": ("dkd", True, True), "gpd_scratch": ("ce", False, True)}
+  for method, (base, teacher, gpd) in expected.items():
+    c = experiment.student_config(args, method, seed=1)
+    assert (c.loss.base, bool(c.teacher.name), c.gpd.enabled) == (base, teacher, gpd), method
+    assert (c.seed, c.dataset.num_train_examples, c.optim.clip_norm) == (1, 512, 5.0), method
+    assert c.num_epochs == load_config_file(
+        os.path.join(ROOT, "configs", "fashion_mnist_gpd.py:runlocal")).num_epochs
+    make_objective(c.loss, c.gpd if c.gpd.enabled else None, steps_per_epoch=8)
+  kd = experiment.student_config(args, "kd", seed=1)
+  assert (kd.loss.ce_weight, kd.loss.kd_weight, kd.loss.kd.temperature) == (0.1, 0.9, 4.0)
+  assert experiment.teacher_config(args).dataset.num_train_examples == 512
