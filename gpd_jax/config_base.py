@@ -3,6 +3,7 @@
 Every field that ``gpd_jax.train.train_and_evaluate`` reads is defined here, so a typo on the command
 line (``--config.optim.lrr=0.1``) is an error and every field can be overridden there.
 """
+import difflib
 import os
 
 import ml_collections
@@ -20,7 +21,9 @@ def parse_arg(arg, *, allowed=None):
   flags = set(a for a in (arg or "").split(",") if a)
   unknown = sorted(flags - set(allowed)) if allowed is not None else []
   if unknown:
-    raise ValueError(f"config argument {arg!r}: unknown {unknown}; the flags are "
+    close = difflib.get_close_matches(unknown[0], sorted(allowed), n=1)
+    suggestion = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"config argument {arg!r}: unknown {unknown}{suggestion}; the flags are "
                      f"{', '.join(sorted(allowed))} (e.g. --config=configs/x.py:runlocal)")
   return flags
 

@@ -21,7 +21,7 @@ import numpy as np
 import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gpd_jax import checkpoint, data, losses, optim, sharding
+from gpd_jax import checkpoint, data, losses, optim, sharding, validate
 from gpd_jax.metric_writer import MetricWriter
 from gpd_jax.state import Task, TrainState, build_task, init_state, model_kwargs
 from gpd_jax.step import make_eval_step, make_train_step
@@ -39,19 +39,26 @@ def load_config_file(spec: str):
   """``'path/to/config.py[:arg]'`` -> ``get_config(arg)`` (the same syntax as ``--config``)."""
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path!r} does not exist")
+    raise validate.ConfigError(f"config file {path!r} does not exist; check the path")
   module_spec = importlib.util.spec_from_file_location("_gpd_config", path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # pylint: disable=broad-except
+    raise validate.ConfigError(f"config file {path!r} does not load ({type(e).__name__}: {e}); fix "
+                               "the file") from None
+  if not hasattr(module, "get_config"):
+    raise validate.ConfigError(f"config file {path!r} defines no get_config(arg=None); add one")
+  try:
+    return module.get_config(arg) if arg else module.get_config()
+  except ValueError as e:
+    raise validate.ConfigError(f"config file {path!r}: {e}") from None
 
 
-def run_identity(config, num_classes: int) -> dict:
-  """What a checkpoint must agree on with the config that resumes it."""
-  return {"model": config.model.name, "num_classes": num_classes, "gpd": bool(config.gpd.enabled),
-          "ratio": int(config.gpd.ratio) if config.gpd.enabled else 1,
-          "branches": bool(config.gpd.enabled and config.gpd.branches),
-          "ema": bool(config.ema_decay)}
+def run_identity(config, num_classes: int, steps_per_epoch: int, total_steps: int) -> dict:
+  """What a checkpoint must agree on with the config that resumes it (see
+  :func:`gpd_jax.validate.resume_identity`)."""
+  return validate.resume_identity(config, num_classes, steps_per_epoch, total_steps)
 
 
 def _check_config(config, num_devices: int, batch_shards: int) -> None:
@@ -183,8 +190,9 @@ def _flush(pending: list, first_step: int) -> dict:
     if not metrics["finite"]:
       raise NonFiniteLossError(
           f"the loss became {metrics['total']} at step {first_step + i + 1}; stopping. The last "
-          "checkpoint holds only finite values: lower config.schedule.base_lr, check the data, or "
-          "enable config.optim.clip_norm, then run again to resume from it")
+          "checkpoint holds only finite values: lower config.schedule.base_lr or check the data, "
+          "then run again to resume from it (turning on config.optim.clip_norm changes the "
+          "optimizer state, so it needs a new --workdir)")
   return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0] if k != "finite"}
 
 
@@ -231,10 +239,12 @@ def setup(config, workdir: str, *, training: bool = True) -> types.SimpleNamespa
   run.state_shardings = sharding.tree_shardings(mesh, abstract, config.mesh.get("param_rules", ()))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, run.state_shardings)
+  # Evaluation only reads: it never moves a damaged step aside, and needs the same model only.
   run.ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     keep=config.get("keep_checkpoints", 3))
-  run.identity = run_identity(config, info.num_classes)
-  restored = run.ckpt.restore_latest(abstract, run.identity)
+                                     keep=config.get("keep_checkpoints", 3), read_only=not training)
+  run.identity = run_identity(config, info.num_classes, run.steps_per_epoch, run.total_steps)
+  restored = run.ckpt.restore_latest(
+      abstract, run.identity, identity_fields=None if training else checkpoint.MODEL_IDENTITY_FIELDS)
   run.best = {}
   if restored is not None:
     run.state, data_state, ckpt_info = restored
@@ -242,7 +252,8 @@ def setup(config, workdir: str, *, training: bool = True) -> types.SimpleNamespa
       run.train_iter.set_state(data_state)
     run.best = ckpt_info.get("best", {})
     if jax.process_index() == 0:
-      print(f"gpd_jax: resuming from step {int(run.state.step)} in {run.ckpt.directory}", flush=True)
+      print(f"gpd_jax: {'resuming from' if training else 'evaluating'} step {int(run.state.step)} in "
+            f"{run.ckpt.directory}", flush=True)
   elif training:
     run.state = jax.jit(init_fn, out_shardings=run.state_shardings)(rng, pretrained)
   else:
@@ -267,10 +278,12 @@ def evaluate_checkpoint(config, workdir: str, splits: dict | None = None) -> dic
   """Evaluates the latest checkpoint in ``workdir`` (student, DT, teacher, EMA) on ``splits``
   (default: the config's eval and test splits)."""
   workdir = os.path.abspath(workdir)
+  validate.check_run(config, workdir, training=False, splits=splits)
   run = setup(config, workdir, training=False)
   try:
     if run.state is None:
-      raise FileNotFoundError(f"no checkpoint in {run.ckpt.directory}")
+      raise validate.ConfigError(f"--workdir={workdir}: no checkpoint in {run.ckpt.directory}; give "
+                                 "the workdir of a training run, or evaluate an export with --export")
     _, eval_step = _jit_steps(config, run)
     splits = splits or {**dict(config.dataset.get("eval_splits", {}) or {}),
                         **dict(config.dataset.get("test_splits", {}) or {})}
@@ -282,6 +295,12 @@ def evaluate_checkpoint(config, workdir: str, splits: dict | None = None) -> dic
 
 def evaluate_export(config, path: str, splits: dict | None = None) -> dict:
   """Top-1/top-5 (%) and CE of an exported plain model on ``splits`` (default: eval + test)."""
+  validate.check_config(config)
+  try:
+    checkpoint.read_model_info(path)
+  except FileNotFoundError as e:
+    raise validate.ConfigError(f"--export: {e}") from None
+  validate.check_data(config, splits, training=False)
   mesh = sharding.make_mesh(config.mesh)
   batch_sharding = sharding.batch_sharding(mesh, config.mesh)
   module, variables, _ = checkpoint.load_export(path, mesh)
@@ -309,8 +328,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
   student, from the raw weights) and ``export_ema/`` (from the EMA weights, when enabled).
   """
   workdir = os.path.abspath(workdir)
+  validate.check_run(config, workdir)  # seconds; before anything is created or compiled
   os.makedirs(workdir, exist_ok=True)
   run = setup(config, workdir)
+  if int(run.state.step) >= run.total_steps and _exports_intact(workdir, run.state):
+    # A finished run: change nothing on disk (no metrics, no events, no new export).
+    run.ckpt.close()
+    if jax.process_index() == 0:
+      print(f"gpd_jax: {workdir} already finished at step {int(run.state.step)} (of "
+            f"{run.total_steps}); its exports are intact, nothing to do. Raise config.num_epochs "
+            "to train longer.", flush=True)
+    return {"eval": {}, "best": run.best, "step": int(run.state.step), "already_finished": True}
   mesh, batch_sharding, task, ckpt = run.mesh, run.batch_sharding, run.task, run.ckpt
   teacher_variables, state, best, train_iter = (run.teacher_variables, run.state, run.best,
                                                 run.train_iter)
@@ -393,6 +421,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpt.wait()
     ckpt.close()
     writer.close()
+
+
+def _exports_intact(workdir: str, state: TrainState) -> bool:
+  """Whether ``export/`` (and ``export_ema/`` with EMA) load and hold finite weights."""
+  names = ["export"] + (["export_ema"] if state.ema is not None else [])
+  for name in names:
+    try:
+      checkpoint.load_export(os.path.join(workdir, name))
+    except (FileNotFoundError, checkpoint.ExportError) as e:
+      if jax.process_index() == 0:
+        print(f"gpd_jax: {os.path.join(workdir, name)} is missing or damaged ({e}); exporting "
+              "again", flush=True)
+      return False
+  return True
 
 
 def _export(config, task: Task, state: TrainState, workdir: str, sample_shape, num_classes) -> None:
