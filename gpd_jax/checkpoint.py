@@ -33,7 +33,7 @@ from gpd_jax import models
 # Fields of ``info['run']`` that must agree between a checkpoint and the config resuming it: what
 # model it is, and what a step means (data, batch, schedule shape). A field missing from an older
 # checkpoint's info is not compared.
-MODEL_IDENTITY_FIELDS = ("model", "num_classes", "gpd", "ratio", "branches", "ema")
+MODEL_IDENTITY_FIELDS = ("model", "num_classes", "gpd", "ratio", "branches", "ema", "peers", "switch")
 RUN_IDENTITY_FIELDS = MODEL_IDENTITY_FIELDS + ("batch_size", "dataset", "steps_per_epoch",
                                                "schedule", "total_steps")
 

@@ -127,6 +127,14 @@ FIELDS: dict[str, Field] = {
     "gpd.train_dt_loss": Field("bool"),
     "gpd.dt_uses_static_kd": Field("bool"),
     "gpd.student_uses_static_kd": Field("bool"),
+    "online.peers": Field("dict", hint="name -> config_base.online_peer(...)"),
+    "online.teachers": Field("dict", hint="name -> config_base.frozen_teacher(...)"),
+    "online.terms": Field("strs", hint="e.g. ('ce(peer)', 'dml(student<->peer)'); gpd_jax/terms.py"),
+    "online.temperature": Field("float", low=0, low_open=True),
+    "online.bdkd_gain": Field("float", low=0),
+    "online.camkd_temperature": Field("float", low=0, low_open=True),
+    "online.switch.teacher": Field("str", hint="'' = off; else a peer's name"),
+    "online.switch.student": Field("str"),
     "optim.name": Field("str", choices=optim.OPTIMIZERS),
     "optim.momentum": Field("float", 0, 1, high_open=True),
     "optim.nesterov": Field("bool"),
@@ -310,6 +318,7 @@ def _cross_field_problems(config) -> list[str]:
     for key in ("image_shape", "num_classes"):
       if dataset.get(key) is None:
         problems.append(f"config.dataset.{key} is required for the synthetic dataset")
+  problems += _online_problems(config.get("online") or {})
   regex = get("optim", "no_decay_regex", "")
   if regex:
     try:
@@ -320,6 +329,38 @@ def _cross_field_problems(config) -> list[str]:
   if schedule.get("name") == "cosine" and schedule.get("min_lr", 0) > schedule.get("base_lr", 0):
     problems.append(f"config.schedule.min_lr={schedule.get('min_lr')} is above "
                     f"config.schedule.base_lr={schedule.get('base_lr')}; lower it")
+  return problems
+
+
+def _online_problems(online) -> list[str]:
+  """The shape of each ``config.online.peers.<name>`` and ``config.online.teachers.<name>`` entry."""
+  problems = []
+  for name, peer in (online.get("peers") or {}).items():
+    field = f"config.online.peers.{name}"
+    model = (peer.get("model") or {}) if _is_mapping(peer) else {}
+    if not model.get("name"):
+      problems.append(f"{field}.model.name is missing; build the entry with "
+                      "config_base.online_peer('<model name>')")
+      continue
+    problem = _model_name_problem(model["name"])
+    if problem:
+      problems.append(f"{field}.model.name: {problem}")
+    if model.get("dtype", "float32") not in DTYPES:
+      problems.append(f"{field}.model.dtype={model.get('dtype')!r} is unknown; choose one of {tuple(DTYPES)}")
+    ratio = peer.get("gpd_ratio", 0)
+    if not _is_int(ratio) or ratio < 0 or ratio == 1:
+      problems.append(f"{field}.gpd_ratio={ratio!r} must be 0 (plain) or an int >= 2 (GPD)")
+    if not isinstance(peer.get("init", ""), str):
+      problems.append(f"{field}.init must be a path string ('' = random init)")
+  for name, teacher in (online.get("teachers") or {}).items():
+    field = f"config.online.teachers.{name}"
+    if not _is_mapping(teacher) or not teacher.get("name") or not teacher.get("workdir"):
+      problems.append(f"{field} needs a model 'name' and a 'workdir'; build it with "
+                      "config_base.frozen_teacher('<model name>', '<workdir>')")
+      continue
+    problem = _model_name_problem(teacher["name"])
+    if problem:
+      problems.append(f"{field}.name: {problem}")
   return problems
 
 
@@ -452,14 +493,15 @@ def check_teacher(config, workdir: str, num_classes: int, *, training: bool = Tr
 def resume_identity(config, num_classes: int, steps_per_epoch: int, total_steps: int) -> dict:
   """What a checkpoint must agree on with the config that resumes it.
 
-  The model (name, classes, GPD ratio and branches, EMA) and what a step means: the global batch,
+  The model (name, classes, GPD ratio and branches, EMA, the online peers and SwitOKD's paused
+  peer) and what a step means: the global batch,
   the training data, the epoch length and the schedule's shape (its name, warm-up and decay points;
   the cosine's length too). ``base_lr`` may change (e.g. to recover from a NaN), and ``num_epochs``
   may grow for the step and constant schedules (training longer).
   """
   d = config.dataset
   schedule = config.schedule
-  return {
+  identity = {
       "model": config.model.name, "num_classes": num_classes, "gpd": bool(config.gpd.enabled),
       "ratio": int(config.gpd.ratio) if config.gpd.enabled else 1,
       "branches": bool(config.gpd.enabled and config.gpd.branches),
@@ -475,6 +517,11 @@ def resume_identity(config, num_classes: int, steps_per_epoch: int, total_steps:
                    "decay_factor": float(schedule.decay_factor) if schedule.name == "step" else 0.0},
       "total_steps": int(total_steps) if schedule.name == "cosine" else None,
   }
+  online = config.get("online") or {}
+  identity["peers"] = {name: {"model": p.model.name, "gpd_ratio": int(p.get("gpd_ratio", 0) or 0)}
+                       for name, p in (online.get("peers") or {}).items()}
+  identity["switch"] = (online.get("switch") or {}).get("teacher", "")
+  return identity
 
 
 def check_run(config, workdir: str, *, training: bool = True, splits: dict | None = None) -> None:
