@@ -2,7 +2,7 @@
 
     python launch/train.py --config=configs/fashion_mnist_online.py:dml --workdir=runs/fm_dml
 
-The argument names the method (add ``,runlocal`` for a 2-epoch run on 1,024 images):
+The argument names the method (default ``dml``; add ``,runlocal`` for a 2-epoch run on 1,024 images):
 
 - ``dml``: Deep Mutual Learning, two ResNet-8 peers from scratch: each CE + KL(sg(other) ‖ self).
 - ``dml3``: three peers; each learns from the mean KL towards the two others.
@@ -52,6 +52,8 @@ def get_config(arg=None):
   generation = [f for f in flags if f.startswith("born_again=")]
   methods = sorted(flags & set(METHODS))
   unknown = sorted(flags - set(METHODS) - {"runlocal"} - set(generation))
+  if not methods and not generation:
+    methods = ["dml"]
   if unknown or len(methods) + len(generation) != 1:
     raise ValueError(f"config argument {arg!r}: name one method of {METHODS} or born_again=N "
                      "(optionally with ',runlocal'), e.g. --config=configs/fashion_mnist_online.py:dml")
