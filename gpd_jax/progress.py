@@ -89,6 +89,15 @@ class Progress:
       self._window_excluded += elapsed
     self.write(f"{what}: done in {format_duration(elapsed)}")
 
+  @contextlib.contextmanager
+  def paused(self) -> Iterator[None]:
+    """Excludes the block (a checkpoint, an export) from the throughput window."""
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._window_excluded += time.perf_counter() - start
+
   # -- steps -----------------------------------------------------------------------------------
 
   def dispatched(self, step_output: Any) -> None:

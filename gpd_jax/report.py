@@ -43,13 +43,13 @@ def end_of_run(*, step: int, epoch: float, seconds: float | None, results: dict,
 
   Args:
     step, epoch: where the run ended.
-    seconds: this invocation's wall time, or None.
+    seconds: the wall time of the training loop in this invocation, or None.
     results: ``{split label: metrics}`` of the final evaluation (see :func:`accuracy_table`).
     best: ``(metric, value, step)`` of the model selection, or None.
     exports: ``{what: directory}`` of the exports written, e.g. ``{'last': ..., 'best': ...}``.
   """
   from gpd_jax.progress import format_duration  # local: progress imports jax
-  took = f" in {format_duration(seconds)}" if seconds is not None else ""
+  took = f"; training took {format_duration(seconds)}" if seconds is not None else ""
   lines = [f"gpd_jax: done at step {step} (epoch {epoch:.2f}){took}."]
   table = accuracy_table(results)
   if table:

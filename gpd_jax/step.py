@@ -94,10 +94,7 @@ def make_eval_step(task: Task):
   has an EMA, the same student/DT sums of the EMA weights with the suffix ``_ema``.
   """
   def net_sums(logits, labels, mask, name):
-    k = min(5, logits.shape[-1])
-    return {f"top1_{name}": jnp.sum(mask * losses.top_k_correct(logits, labels, 1)),
-            f"top5_{name}": jnp.sum(mask * losses.top_k_correct(logits, labels, k)),
-            f"ce_{name}": jnp.sum(mask * losses.cross_entropy(logits, labels))}
+    return losses.classification_sums(logits, labels, mask, f"_{name}")
 
   def agree(a, b, mask):
     return jnp.sum(mask * losses.agreement(a, b))

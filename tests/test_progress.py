@@ -114,7 +114,7 @@ def test_end_of_run_report():
                            best=("top1_S", 72.5, 16),
                            exports={"last": "/w/export", "best": "/w/export_best"})
   lines = text.splitlines()
-  assert lines[0] == "gpd_jax: done at step 32 (epoch 2.00) in 1 min 23 s."
+  assert lines[0] == "gpd_jax: done at step 32 (epoch 2.00); training took 1 min 23 s."
   row = {line.split("  ")[0].strip(): line.split() for line in lines if line[:1].isalpha()}
   assert row["student"][-2:] == ["71.50", "70.12"]
   assert row["student (EMA)"][-2:] == ["72.00", "—"]
