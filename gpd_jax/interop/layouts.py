@@ -129,7 +129,7 @@ def torch_rules(model_name: str, variables: Mapping) -> "collections.OrderedDict
     StateDictMismatchError: a leaf has no PyTorch counterpart (e.g. OREPA factors).
   """
   layout = layout_of(model_name)
-  rules = collections.OrderedDict()
+  rules = {}
   for path, leaf in traverse_util.flatten_dict(dict(variables)).items():
     collection, *module, name = path
     key = (collection, name, len(leaf.shape))
@@ -141,7 +141,18 @@ def torch_rules(model_name: str, variables: Mapping) -> "collections.OrderedDict
     torch_leaf, axes = LEAVES[key]
     torch_name = f"{layout.torch_module('/'.join(module))}.{torch_leaf}"
     rules[torch_name] = TensorRule(tuple(path), axes, _torch_shape(leaf.shape, axes))
-  return rules
+  return collections.OrderedDict(sorted(rules.items(), key=lambda item: _torch_order(item[0])))
+
+
+_LEAF_ORDER = {"weight": 0, "bias": 1, "running_mean": 2, "running_var": 3}
+
+
+def _torch_order(torch_name: str):
+  """Sort key close to a PyTorch state_dict's order: modules by name with numbers compared as
+  numbers (layer1.2 before layer1.10), then weight, bias, running_mean, running_var."""
+  module, leaf = torch_name.rsplit(".", 1)
+  parts = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[._]", module))
+  return parts, _LEAF_ORDER.get(leaf, len(_LEAF_ORDER))
 
 
 def to_torch(model_name: str, variables: Mapping) -> "collections.OrderedDict[str, np.ndarray]":
