@@ -133,6 +133,8 @@ def test_wrapped_checkpoints_and_all_file_formats(tmp_path):
   }
   for filename, obj in files.items():
     torch.save(obj, str(tmp_path / filename))
+  # The pre-1.6 (non-zip) format of the older torchvision checkpoints, e.g. resnet34-333f7ec4.pth.
+  torch.save(state, str(tmp_path / "legacy.pth"), _use_new_zipfile_serialization=False)
   torch.save({"model": state, "model_ema": ema}, str(tmp_path / "ema.pth"))
   from safetensors.numpy import save_file
   save_file(numpy_state, str(tmp_path / "weights.safetensors"))
@@ -143,7 +145,7 @@ def test_wrapped_checkpoints_and_all_file_formats(tmp_path):
     return variables
 
   want = load("plain.pth")
-  for filename in list(files) + ["weights.safetensors", "weights.npz", "ema.pth"]:
+  for filename in list(files) + ["legacy.pth", "weights.safetensors", "weights.npz", "ema.pth"]:
     got = load(filename)
     assert jax.tree.all(jax.tree.map(np.array_equal, got, want)), filename
   got = load("ema.pth", key="model_ema")
@@ -230,12 +232,13 @@ def test_file_needing_arbitrary_unpickling_is_refused(tmp_path):
   _convert_fails(tmp_path, npz, "resnet8", ["refusing to load", "arbitrary unpickling"])
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".npz"])
+@pytest.mark.parametrize("suffix", [".pth", ".legacy.pth", ".safetensors", ".npz"])
 def test_truncated_file(tmp_path, suffix):
   state = numpy_state_dict(torch_model("resnet8", 10))
   full = tmp_path / f"full{suffix}"
-  if suffix == ".pth":
-    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, str(full))
+  if suffix.endswith(".pth"):
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, str(full),
+               _use_new_zipfile_serialization=suffix == ".pth")
   else:
     interop.write_state_dict(str(full), state)
   path = tmp_path / f"truncated{suffix}"

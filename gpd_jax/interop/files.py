@@ -83,7 +83,9 @@ def _read_torch(path: str, key: str | None) -> dict:
         "e.g. a whole nn.Module, not only tensors), which could run code. Re-save its weights "
         "with `torch.save(model.state_dict(), 'weights.pth')` or as .safetensors. "
         f"torch said: {first_line}") from None
-  except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+  except Exception as e:  # pylint: disable=broad-except
+    # torch.load fails in many ways on a damaged file (RuntimeError from the zip reader, EOFError
+    # or IndexError from the legacy pickle format, ...): all mean the same to the user.
     raise WeightFileError(f"{path}: not a readable PyTorch file (truncated or corrupt?): "
                           f"{type(e).__name__}: {e}") from None
   if key is not None:
