@@ -153,6 +153,30 @@ def test_wrapped_checkpoints_and_all_file_formats(tmp_path):
                                 want["params"]["conv1"]["kernel"] + 1)
 
 
+def test_convert_round_trip_through_an_export_is_bitwise(tmp_path):
+  """launch/convert.py both ways: .pth -> export directory -> .pth / .safetensors, same bits."""
+  reference = randomize(torch_model("wrn_16_2", 100), seed=8)
+  torch.save({"state_dict": reference.state_dict()}, str(tmp_path / "wrn.pth.tar"))
+  info = convert.torch_to_export(str(tmp_path / "wrn.pth.tar"), str(tmp_path / "export"),
+                                 "wrn_16_2", image_size=32)
+  assert info == {"name": "wrn_16_2", "num_classes": 100, "kwargs": {},
+                  "input_shape": [1, 32, 32, 3]}
+  module, variables, _ = checkpoint.load_export(str(tmp_path / "export"))
+  x = images(2, 32, seed=9)
+  assert max_relative_logit_diff(module.apply(variables, x, train=False),
+                                 torch_logits(reference, x)) <= LOGIT_RTOL
+  for out in ("back.pth", "back.safetensors"):
+    written = convert.export_to_torch(str(tmp_path), str(tmp_path / out))  # a workdir works too
+    assert set(written) == set(reference.state_dict())
+    loaded = interop.read_state_dict(str(tmp_path / out))
+    for key, value in reference.state_dict().items():
+      if not key.endswith("num_batches_tracked"):
+        assert np.array_equal(loaded[key], value.numpy()), key
+  with pytest.raises(ValueError, match="unknown weight file type"):
+    convert.export_to_torch(str(tmp_path), str(tmp_path / "back.onnx"))
+  assert not (tmp_path / "back.onnx").exists()
+
+
 def test_safetensors_and_npz_need_no_torch(tmp_path):
   """The library never imports torch for .safetensors/.npz (checked in a fresh interpreter)."""
   reference = randomize(torch_model("resnet8", 5), seed=4)
@@ -241,10 +265,11 @@ def test_truncated_file(tmp_path, suffix):
                _use_new_zipfile_serialization=suffix == ".pth")
   else:
     interop.write_state_dict(str(full), state)
-  path = tmp_path / f"truncated{suffix}"
   data = full.read_bytes()
-  path.write_bytes(data[:len(data) // 2])
-  _convert_fails(tmp_path, path, "resnet8", ["truncated or corrupt"])
+  for cut in (len(data) // 2, 5000, 100):  # damaged at different places, different low-level errors
+    path = tmp_path / f"truncated{cut}{suffix}"
+    path.write_bytes(data[:cut])
+    _convert_fails(tmp_path, path, "resnet8", ["truncated or corrupt"])
 
 
 def test_other_bad_inputs(tmp_path):
@@ -315,9 +340,11 @@ def test_pretrained_student_from_a_pytorch_file(tmp_path):
 # The ImageNet path end to end, without ImageNet.
 
 
-def write_fake_imagenet(data_dir, sizes, seed=0):
+def write_fake_imagenet(data_dir, sizes, label_fn, seed=0):
   """A tiny imagenet2012 in the TFDS ArrayRecord layout (JPEG images, 1000 classes), written by
-  TFDS' own imagenet2012 builder with its example generator replaced (no manual tars needed)."""
+  TFDS' own imagenet2012 builder with its example generator replaced (no manual tars needed).
+
+  ``label_fn(jpeg_bytes) -> int`` labels each image."""
   import tensorflow_datasets as tfds
   from etils import epath
   from PIL import Image
@@ -343,7 +370,7 @@ def write_fake_imagenet(data_dir, sizes, seed=0):
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG")
         name = f"{split}_{i}.JPEG"
-        yield name, {"file_name": name, "image": buf.getvalue(), "label": int(rng.integers(1000))}
+        yield name, {"file_name": name, "image": buf.getvalue(), "label": label_fn(buf.getvalue())}
 
   FakeImagenet2012(data_dir=data_dir).download_and_prepare(file_format="array_record")
 
@@ -351,11 +378,22 @@ def write_fake_imagenet(data_dir, sizes, seed=0):
 def test_imagenet_gpd_with_a_torchvision_teacher_end_to_end(tmp_path):
   """configs/imagenet_gpd.py (shrunk) with teacher.checkpoint = a torchvision ResNet-34 .pth: train,
   evaluate, checkpoint, export; the export converted back loads in torchvision with our logits."""
+  from PIL import Image
   from gpd_jax import data
-  data_dir = str(tmp_path / "tfds")
-  write_fake_imagenet(data_dir, {"train": 16, "validation": 8})
+  from gpd_jax.data import preprocess
   teacher = randomize(torch_model("resnet34", 1000), seed=7)
   torch.save(teacher.state_dict(), str(tmp_path / "resnet34-random.pth"))
+  info = data.dataset_info("imagenet2012")
+
+  def teacher_label(jpeg):
+    """The torchvision teacher's class for the image as the eval pipeline will feed it."""
+    image = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    example = preprocess.eval_example({"image": image, "label": 0}, augment="imagenet", image_size=32)
+    batch = preprocess.normalize_batch({"image": example["image"][None]}, mean=info.mean, std=info.std)
+    return int(np.argmax(torch_logits(teacher, batch["image"])[0]))
+
+  data_dir = str(tmp_path / "tfds")
+  write_fake_imagenet(data_dir, {"train": 16, "validation": 8}, teacher_label)
 
   spec = importlib.util.spec_from_file_location("imagenet_gpd",
                                                 os.path.join(ROOT, "configs", "imagenet_gpd.py"))
@@ -379,13 +417,12 @@ def test_imagenet_gpd_with_a_torchvision_teacher_end_to_end(tmp_path):
 
   assert final["step"] == 2
   assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 2
-  # The static teacher is the torchvision network: its top-1 on the (preprocessed) eval images.
-  batches = list(data.create_eval_iterator(config, "validation"))
-  eval_images = np.concatenate([b["image"] for b in batches])
-  labels = np.concatenate([b["label"] for b in batches])
-  mask = np.concatenate([b["mask"] for b in batches]) > 0
-  teacher_top1 = 100.0 * np.mean(np.argmax(torch_logits(teacher, eval_images), -1)[mask] == labels[mask])
-  np.testing.assert_allclose(final["eval"]["val"]["top1_T"], teacher_top1)
+  # The static teacher is the torchvision network: the labels are its predictions (a random
+  # network, or a mis-converted one, would score ~0.1 %).
+  assert final["eval"]["val"]["top1_T"] == 100.0
+  for key in ("top1_S", "top1_D", "top1_S_ema", "agree_S_T"):
+    assert 0.0 <= final["eval"]["val"][key] <= 100.0, key
+  eval_images = np.concatenate([b["image"] for b in data.create_eval_iterator(config, "validation")])
 
   # The exported student, converted to a torchvision state_dict by the CLI, computes our logits.
   out = str(tmp_path / "student.pth")

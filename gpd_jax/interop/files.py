@@ -183,7 +183,8 @@ def write_state_dict(path: str, state_dict: dict[str, np.ndarray]) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-  arrays = collections.OrderedDict((k, np.ascontiguousarray(v)) for k, v in state_dict.items())
+  # Copies: writable and contiguous (arrays fetched from JAX are read-only, which torch warns about).
+  arrays = collections.OrderedDict((k, np.array(v, order="C")) for k, v in state_dict.items())
   try:
     if fmt == "torch":
       torch = import_torch(f"writing {path}")
