@@ -148,6 +148,15 @@ def test_wrapped_checkpoints_and_all_file_formats(tmp_path):
   for filename in list(files) + ["legacy.pth", "weights.safetensors", "weights.npz", "ema.pth"]:
     got = load(filename)
     assert jax.tree.all(jax.tree.map(np.array_equal, got, want)), filename
+  # Half-precision files (bfloat16 through torch, float16 directly) are widened exactly to float32.
+  from safetensors.torch import save_file as save_torch_file
+  for dtype in (torch.bfloat16, torch.float16):
+    save_torch_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+                    str(tmp_path / "half.safetensors"))
+    got = load("half.safetensors")
+    np.testing.assert_array_equal(got["params"]["fc"]["kernel"],
+                                  state["fc.weight"].to(dtype).float().numpy().T)
+    assert got["params"]["fc"]["kernel"].dtype == np.float32
   got = load("ema.pth", key="model_ema")
   np.testing.assert_array_equal(got["params"]["conv1"]["kernel"],
                                 want["params"]["conv1"]["kernel"] + 1)
@@ -279,6 +288,11 @@ def test_other_bad_inputs(tmp_path):
   _convert_fails(tmp_path, tmp_path / "nowhere.pth", "resnet8", ["no such file"])
   (tmp_path / "w.h5").write_bytes(b"x")
   _convert_fails(tmp_path, tmp_path / "w.h5", "resnet8", ["unknown weight file type"])
+  integer = torch_model("resnet8", 10).state_dict()
+  integer["conv1.weight"] = integer["conv1.weight"].long()
+  torch.save(integer, str(tmp_path / "integer.pth"))
+  _convert_fails(tmp_path, tmp_path / "integer.pth", "resnet8",
+                 ["1 non-float tensors (conv1.weight (int64))"])
   torch.save(torch_model("resnet8", 10).state_dict(), str(tmp_path / "r8.pth"))
   with pytest.raises(ValueError, match="'vit_b16' has no PyTorch layout"):
     convert.torch_to_export(str(tmp_path / "r8.pth"), str(tmp_path / "o"), "vit_b16")

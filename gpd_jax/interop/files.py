@@ -110,6 +110,8 @@ def _read_torch(path: str, key: str | None) -> dict:
 def _read_safetensors(path: str) -> dict:
   from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  import ml_dtypes  # pylint: disable=import-outside-toplevel,unused-import
+  # ^ registers bfloat16 with NumPy (a JAX dependency), so bfloat16 tensors load without torch.
   try:
     return load_file(path)
   except (SafetensorError, OSError, ValueError, TypeError) as e:

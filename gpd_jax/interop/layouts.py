@@ -179,6 +179,11 @@ def _listed(items) -> str:
   return shown + (f", ... ({len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else "")
 
 
+def _is_float(dtype) -> bool:
+  """float16/32/64, and bfloat16 (an ml_dtypes type that NumPy does not count as floating)."""
+  return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
+
+
 def check_state_dict(model_name: str, state_dict: Mapping[str, np.ndarray], abstract: Mapping, *,
                      source: str, num_classes: int | None = None) -> None:
   """Raises :class:`StateDictMismatchError` unless ``state_dict`` fits ``abstract`` exactly.
@@ -193,7 +198,7 @@ def check_state_dict(model_name: str, state_dict: Mapping[str, np.ndarray], abst
   shapes = [f"{k}: file {list(np.shape(state_dict[k]))} vs expected {list(rules[k].torch_shape)}"
             for k in rules if k in present and tuple(np.shape(state_dict[k])) != rules[k].torch_shape]
   non_float = [f"{k} ({np.asarray(state_dict[k]).dtype})" for k in rules if k in present
-               and not np.issubdtype(np.asarray(state_dict[k]).dtype, np.floating)]
+               and not _is_float(np.asarray(state_dict[k]).dtype)]
   if not (missing or unexpected or shapes or non_float):
     return
   layout = layout_of(model_name)
@@ -209,7 +214,7 @@ def check_state_dict(model_name: str, state_dict: Mapping[str, np.ndarray], abst
   message = (f"{source}: not a {model_name!r} state_dict as {layout.description} defines it: "
              + "; ".join(parts) + ".")
   head = HEAD_PREFIX + "weight"
-  if head in present and num_classes is not None and not missing and not unexpected and all(
+  if head in present and num_classes is not None and shapes and not missing and not unexpected and all(
       s.startswith(HEAD_PREFIX) for s in shapes):
     file_classes = np.shape(state_dict[head])[0]
     message += (f" The file's classifier has {file_classes} classes but {num_classes} are expected "
