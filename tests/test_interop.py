@@ -167,9 +167,9 @@ def test_convert_round_trip_through_an_export_is_bitwise(tmp_path):
   reference = randomize(torch_model("wrn_16_2", 100), seed=8)
   torch.save({"state_dict": reference.state_dict()}, str(tmp_path / "wrn.pth.tar"))
   info = convert.torch_to_export(str(tmp_path / "wrn.pth.tar"), str(tmp_path / "export"),
-                                 "wrn_16_2", image_size=32)
+                                 "wrn_16_2", image_size=40)
   assert info == {"name": "wrn_16_2", "num_classes": 100, "kwargs": {},
-                  "input_shape": [1, 32, 32, 3]}
+                  "input_shape": [1, 40, 40, 3]}
   module, variables, _ = checkpoint.load_export(str(tmp_path / "export"))
   x = images(2, 32, seed=9)
   assert max_relative_logit_diff(module.apply(variables, x, train=False),
@@ -184,6 +184,15 @@ def test_convert_round_trip_through_an_export_is_bitwise(tmp_path):
   with pytest.raises(ValueError, match="unknown weight file type"):
     convert.export_to_torch(str(tmp_path), str(tmp_path / "back.onnx"))
   assert not (tmp_path / "back.onnx").exists()
+  # A narrow variant needs its module overrides, which model.json records.
+  narrow = randomize(torch_model("resnet8", 5, widths=(4, 4, 8, 8)), seed=11)
+  torch.save(narrow.state_dict(), str(tmp_path / "narrow.pth"))
+  info = convert.torch_to_export(str(tmp_path / "narrow.pth"), str(tmp_path / "narrow"), "resnet8",
+                                 module_kwargs={"widths": [4, 4, 8, 8]})
+  assert info["kwargs"] == {"widths": [4, 4, 8, 8]}
+  module, variables, _ = checkpoint.load_export(str(tmp_path / "narrow"))
+  assert max_relative_logit_diff(module.apply(variables, x, train=False),
+                                 torch_logits(narrow, x)) <= LOGIT_RTOL
 
 
 def test_safetensors_and_npz_need_no_torch(tmp_path):
@@ -294,6 +303,8 @@ def test_other_bad_inputs(tmp_path):
   _convert_fails(tmp_path, tmp_path / "integer.pth", "resnet8",
                  ["1 non-float tensors (conv1.weight (int64))"])
   torch.save(torch_model("resnet8", 10).state_dict(), str(tmp_path / "r8.pth"))
+  _convert_fails(tmp_path, tmp_path / "r8.pth", "resnet8", ["cannot build a 'resnet8'", "['width']"],
+                 module_kwargs={"width": [4, 4, 8, 8]})
   with pytest.raises(ValueError, match="'vit_b16' has no PyTorch layout"):
     convert.torch_to_export(str(tmp_path / "r8.pth"), str(tmp_path / "o"), "vit_b16")
   # A DT with OREPA branches has no PyTorch layout; nothing is written.
@@ -348,6 +359,31 @@ def test_pretrained_student_from_a_pytorch_file(tmp_path):
   config.init.student = str(tmp_path / "student.pth")  # an absolute path is taken as is
   with pytest.raises(ValueError, match=r"config.init.student: .*student.pth.*not a 'resnet14'"):
     train.setup(config, str(tmp_path / "other"))
+
+
+def test_dynamic_teacher_to_a_wide_pytorch_network(tmp_path):
+  """A GPD run's DT (r=2, OREPA branches, 2 training steps) -> RepDistiller's ResNet with ×2
+  widths, loaded strictly: the same eval-mode logits as our DT."""
+  from test_train import tiny_config
+  config = tiny_config(gpd=True, teacher=False, branches=True)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  out = str(tmp_path / "dt.pth")
+  convert.dt_to_torch_file(config, workdir, out)
+  wide = torch_model("resnet8", 5, image_size=16, widths=(8, 8, 16, 16))
+  wide.load_state_dict(torch.load(out, map_location="cpu", weights_only=True), strict=True)
+  run = train.setup(config, workdir, training=False)
+  try:
+    variables, _ = run.state.variables()
+    x = images(4, 16, seed=10)
+    ours = run.task.model.apply(variables, x, train=False)
+  finally:
+    run.ckpt.close()
+  assert max_relative_logit_diff(ours, torch_logits(wide.eval(), x)) <= LOGIT_RTOL
+  config.gpd.enabled = False
+  with pytest.raises(ValueError, match="no dynamic teacher"):
+    convert.dt_to_torch_file(config, workdir, str(tmp_path / "none.pth"))
+  assert not (tmp_path / "none.pth").exists()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from gpd_jax import models
 from gpd_jax.interop.files import (WeightFileError, file_format, is_weight_file, read_state_dict,
@@ -84,7 +85,11 @@ def load_torch_model(path: str, model_name: str, *, num_classes: int | None = No
       raise StateDictMismatchError(f"{source}: no classifier weight 'fc.weight' in the file; is it "
                                    f"a {model_name!r} state_dict ({layout_of(model_name).description})?")
   sample_shape = tuple(sample_shape or DEFAULT_INPUT_SHAPES[MODEL_LAYOUTS[model_name]])
-  module = models.create(model_name, num_classes, **module_kwargs)
+  try:
+    module = models.create(model_name, num_classes, **module_kwargs)
+  except TypeError as e:
+    raise ValueError(f"{source}: cannot build a {model_name!r} with the overrides "
+                     f"{sorted(module_kwargs)}: {e}") from None
   variables = from_torch(model_name, state_dict, abstract_variables(module, sample_shape),
                          source=source, num_classes=num_classes)
   kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in module_kwargs.items()
@@ -103,7 +108,42 @@ def save_torch(path: str, model_name: str, variables) -> dict:
   return state_dict
 
 
-__all__ = ["WeightFileError", "StateDictMismatchError", "Layout", "LAYOUTS", "MODEL_LAYOUTS",
+def dt_to_torch(model_name: str, dt_model, dt_variables, *, sample_shape: Sequence[int]):
+  """A dynamic teacher as a plain ×r-wide PyTorch network: ``{name: array}`` for eval mode.
+
+  The OREPA branches are merged into plain kernels, and each BatchNorm's activation-scale wrapper
+  ``BN(s·x)/s`` (s = r) is folded into a plain BN: in eval mode it equals a BN of x with the same
+  weight and variance, bias/s and running_mean/s. Keys are those of ``model_name``'s PyTorch
+  layout; shapes are the DT's (every hidden width ×r), e.g. RepDistiller's
+  ``ResNet(depth, [r·w for w in num_filters])`` loads the DT of a CIFAR ResNet. (torchvision has no
+  constructor for ×r-wide ResNets.)
+
+  Args:
+    dt_model: the DT module (``student.clone(ratio=r, branches=...)``).
+    dt_variables: its ``params``, ``batch_stats`` (and ``consts`` with branches).
+    sample_shape: [1, H, W, C] of one input (to trace the model).
+  """
+  from gpd_jax.transforms import derive_spec  # pylint: disable=import-outside-toplevel
+  from gpd_jax.transforms.export import merge_branches  # pylint: disable=import-outside-toplevel
+  ratio = int(dt_model.ratio)
+  params = dt_variables["params"]
+  if getattr(dt_model, "branches", False):
+    spec = derive_spec(dt_model, ratio, tuple(sample_shape))
+    _, merged = merge_branches(dt_model, dt_variables, spec=spec)
+    params = merged["params"]
+  params = jax.tree.map(np.asarray, jax.device_get(params))
+  stats = jax.tree.map(np.asarray, jax.device_get(dt_variables["batch_stats"]))
+  flat_params = traverse_util.flatten_dict(params)
+  flat_stats = traverse_util.flatten_dict(stats)
+  for path in list(flat_stats):
+    if path[-1] == "mean":  # one BatchNorm per running mean: fold its scale wrapper
+      flat_stats[path] = flat_stats[path] / np.float32(ratio)
+      flat_params[path[:-1] + ("bias",)] = flat_params[path[:-1] + ("bias",)] / np.float32(ratio)
+  return to_torch(model_name, {"params": traverse_util.unflatten_dict(flat_params),
+                               "batch_stats": traverse_util.unflatten_dict(flat_stats)})
+
+
+__all__ = ["dt_to_torch", "WeightFileError", "StateDictMismatchError", "Layout", "LAYOUTS", "MODEL_LAYOUTS",
            "DEFAULT_INPUT_SHAPES", "read_state_dict", "write_state_dict", "strip_wrapper_prefix",
            "file_format", "is_weight_file", "from_torch", "to_torch", "torch_rules",
            "check_state_dict", "guess_model", "layout_of", "abstract_variables", "num_classes_of",
