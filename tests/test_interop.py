@@ -311,7 +311,7 @@ def test_other_bad_inputs(tmp_path):
   dt = models.create("resnet8", 10).clone(ratio=2, branches=True)
   dt_vars = dt.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
   out = tmp_path / "dt.pth"
-  with pytest.raises(ValueError, match=r"params/conv1/a1 .*export the plain student"):
+  with pytest.raises(ValueError, match=r"params/conv1/a1 .*convert.py --dt"):
     interop.save_torch(str(out), "resnet8", {k: v for k, v in dt_vars.items() if k != "consts"})
   assert not out.exists()
 

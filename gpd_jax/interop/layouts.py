@@ -47,8 +47,7 @@ class Layout:
       if match:
         return template(match) if callable(template) else match.expand(template)
     raise StateDictMismatchError(
-        f"module {our_module!r} has no counterpart in {self.description} (a DT or a model with "
-        "OREPA branches has no PyTorch layout: export the plain student first)")
+        f"module {our_module!r} has no counterpart in {self.description}")
 
 
 # Our ResNets use torchvision's names with '_' between stage and block and flat shortcut names.
@@ -136,8 +135,9 @@ def torch_rules(model_name: str, variables: Mapping) -> "collections.OrderedDict
     if key not in LEAVES:
       raise StateDictMismatchError(
           f"variable {'/'.join(path)} (shape {list(leaf.shape)}) has no counterpart in "
-          f"{layout.description}; only plain convs, dense layers and BatchNorm convert (export "
-          "the plain student of a DT first)")
+          f"{layout.description}; only plain convs, dense layers and BatchNorm convert (a DT with "
+          "OREPA branches converts with interop.dt_to_torch / launch/convert.py --dt, which merges "
+          "them; or export its plain student)")
     torch_leaf, axes = LEAVES[key]
     torch_name = f"{layout.torch_module('/'.join(module))}.{torch_leaf}"
     rules[torch_name] = TensorRule(tuple(path), axes, _torch_shape(leaf.shape, axes))
