@@ -20,12 +20,13 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from gpd_jax import checkpoint, data, train, validate
+from gpd_jax import checkpoint, data, interop, train, validate
 
 EXPECTED_ERRORS = (validate.ConfigError, checkpoint.CheckpointMismatchError,
                    checkpoint.CheckpointCorruptError, checkpoint.ExportError,
                    checkpoint.NonFiniteStateError, data.DatasetNotReadyError,
-                   train.NonFiniteLossError)
+                   train.NonFiniteLossError, interop.WeightFileError,
+                   interop.StateDictMismatchError)
 
 
 class UsageError(Exception):

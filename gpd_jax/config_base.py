@@ -58,12 +58,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict()
   c.teacher.name = ""  # '' = no static teacher
   c.teacher.workdir = ""  # its workdir or export dir; relative paths are under this run's workdir
+  c.teacher.checkpoint = ""  # a PyTorch file (.pth/.safetensors/.npz) of teacher.name; wins over workdir
   c.teacher.config = ""  # 'path.py[:arg]': train the teacher there first if it is missing
   c.teacher.train_mode = False  # True = batch-stat BN like the reference code (docs/method.md §13, P1)
   c.teacher.model = ml_collections.ConfigDict({"dtype": "float32"})
 
   c.init = ml_collections.ConfigDict()
-  c.init.student = ""  # an export (or workdir) of a pre-trained student: GPD fine-tuning
+  c.init.student = ""  # an export (or workdir) or a PyTorch file of a pre-trained student: GPD fine-tuning
 
   c.loss = ml_collections.ConfigDict()
   c.loss.base = "ce"  # 'ce' | 'kd' | 'dkd' | 'dist'

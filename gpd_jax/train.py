@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gpd_jax import checkpoint, data, losses, optim, report, sharding, validate
+from gpd_jax import checkpoint, data, interop, losses, optim, report, sharding, validate
 from gpd_jax.metric_writer import MetricWriter
 from gpd_jax.progress import Progress
 from gpd_jax.state import Task, TrainState, build_task, init_state, model_kwargs
@@ -105,12 +105,21 @@ def load_teacher(config, workdir: str, num_classes: int, mesh):
 
   The module is built from the export's ``model.json``; it must be ``config.teacher.name``.
 
-  ``config.teacher.workdir``: a teacher run's workdir or an export directory; a relative path is
-  taken relative to this run's ``workdir``. When it holds no export and ``config.teacher.config``
-  names a config file (``path.py[:arg]``), that run is trained there first (and resumes if cut off).
+  ``config.teacher.checkpoint``: a PyTorch weight file (``.pth``, ``.pth.tar``, ``.safetensors``,
+  ``.npz``; e.g. torchvision's ``resnet34-333f7ec4.pth``) in the layout of ``config.teacher.name``;
+  when set it is used instead of ``config.teacher.workdir``.
+
+  ``config.teacher.workdir``: a teacher run's workdir or an export directory. When it holds no
+  export and ``config.teacher.config`` names a config file (``path.py[:arg]``), that run is trained
+  there first (and resumes if cut off). Relative paths (both fields) are taken relative to this
+  run's ``workdir``.
   """
   if not config.teacher.get("name"):
     return None, None
+  teacher_kwargs = model_kwargs(config.teacher.get("model", {}) or {}, field="config.teacher.model")
+  dtype = teacher_kwargs["dtype"]
+  if config.teacher.get("checkpoint"):
+    return _load_torch_teacher(config, workdir, num_classes, mesh, teacher_kwargs)
   teacher_dir = config.teacher.get("workdir") or ""
   if not teacher_dir:
     raise ValueError("config.teacher.workdir is empty: point it to a trained teacher's workdir or "
@@ -129,7 +138,6 @@ def load_teacher(config, workdir: str, num_classes: int, mesh):
     if jax.process_index() == 0:
       print(f"gpd_jax: no teacher at {teacher_dir}; training it first with {teacher_config}", flush=True)
     train_and_evaluate(load_config_file(teacher_config), teacher_dir)
-  dtype = model_kwargs(config.teacher.get("model", {}) or {}, field="config.teacher.model")["dtype"]
   module, variables, info = checkpoint.load_export(teacher_dir, mesh, dtype=dtype)
   if info["name"] != config.teacher.name:
     raise ValueError(f"config.teacher.name={config.teacher.name!r}, but the teacher at {teacher_dir!r} "
@@ -141,15 +149,31 @@ def load_teacher(config, workdir: str, num_classes: int, mesh):
   return module, variables
 
 
+def _load_torch_teacher(config, workdir: str, num_classes: int, mesh, teacher_kwargs: dict):
+  """The static teacher from the PyTorch file ``config.teacher.checkpoint`` (replicated), built as
+  ``models.create(config.teacher.name, num_classes, **config.teacher.model.kwargs, dtype=...)``."""
+  path = os.path.join(workdir, config.teacher.checkpoint)
+  module, variables, _ = interop.load_torch_model(
+      path, config.teacher.name, num_classes=num_classes, field="config.teacher.checkpoint",
+      **teacher_kwargs)
+  return module, jax.device_put(variables, NamedSharding(mesh, P()))
+
+
 def load_pretrained_student(config, workdir: str, task: Task, mesh):
   """The plain student variables to fine-tune from, or None.
 
-  ``config.init.student``: an export or a workdir holding one; relative to this run's workdir.
+  ``config.init.student``: an export, a workdir holding one, or a PyTorch weight file (``.pth``,
+  ``.safetensors``, ``.npz``) of ``config.model.name``; relative to this run's workdir.
   """
   path = config.get("init", {}).get("student") or ""
   if not path:
     return None
   path = os.path.join(workdir, path)
+  if interop.is_weight_file(path):
+    variables = interop.load_torch_variables(path, config.model.name, task.student,
+                                             task.sample_shape, num_classes=task.num_classes,
+                                             field="config.init.student")
+    return jax.device_put(variables, NamedSharding(mesh, P()))
   try:
     _, variables, info = checkpoint.load_export(path, mesh)
   except FileNotFoundError as e:
