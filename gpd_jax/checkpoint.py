@@ -94,6 +94,9 @@ def save_export(directory: str, variables, model_info: dict) -> None:
   """
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
+  # Empty collections (the batch_stats of a model without BatchNorm, e.g. DeiT) are not variables
+  # of the module, so load_export's abstract tree has none: leave them out.
+  variables = {c: v for c, v in variables.items() if jax.tree.leaves(v)}
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(directory, "variables"), variables, force=True)
   _write_json_atomically(os.path.join(directory, "model.json"), model_info)
