@@ -151,6 +151,8 @@ FIELDS: dict[str, Field] = {
     "schedule.boundaries": Field("floats", 0, hint="epochs at which the 'step' schedule decays"),
     "schedule.decay_factor": Field("float", **_POSITIVE),
     "schedule.min_lr": Field("float", 0),
+    "schedule.warmup_init_lr": Field("float", 0, hint="the first learning rate of the warm-up"),
+    "schedule.cooldown_epochs": Field("float", 0, hint="'cosine': final epochs held at min_lr"),
     "mesh.shape": Field("ints", hint="-1 = the remaining devices"),
     "mesh.axes": Field("strs"),
     "mesh.batch_axes": Field("strs"),
