@@ -21,11 +21,15 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        "safetensors>=0.4",  # PyTorch weights in and out without torch (gpd_jax.interop)
     ],
     extras_require={
         # nbclient + nbformat + ipykernel: tests/test_notebook.py executes notebooks/ in a kernel.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.89", "nbclient>=0.10", "nbformat>=5.9",
                  "ipykernel>=6.29"],
         "cuda12": ["jax[cuda12]>=0.7"],
+        # Reading/writing .pth files (gpd_jax.interop); .safetensors and .npz need no torch. The
+        # tests also need torchvision (.ci/run installs both, CPU builds, pinned).
+        "torch": ["torch>=2.1"],
     },
 )

@@ -352,6 +352,9 @@ def save_export(directory: str, variables, model_info: dict) -> None:
   when a weight is NaN or infinite.
   """
   directory = os.path.abspath(directory)
+  # Empty collections (the batch_stats of a model without BatchNorm, e.g. DeiT) are not variables
+  # of the module, so load_export's abstract tree has none: leave them out.
+  variables = {c: v for c, v in variables.items() if jax.tree.leaves(v)}
   bad = _non_finite_leaves(variables)
   if bad:
     raise NonFiniteStateError(f"not exporting to {directory}: {len(bad)} arrays hold NaN/inf values "

@@ -10,6 +10,7 @@ Each launcher's ``main(argv) -> int`` is callable from tests; ``run_cli(main)`` 
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 import sys
 import traceback
@@ -19,12 +20,13 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from gpd_jax import checkpoint, data, train, validate
+from gpd_jax import checkpoint, data, interop, train, validate
 
 EXPECTED_ERRORS = (validate.ConfigError, checkpoint.CheckpointMismatchError,
                    checkpoint.CheckpointCorruptError, checkpoint.ExportError,
                    checkpoint.NonFiniteStateError, data.DatasetNotReadyError,
-                   train.NonFiniteLossError)
+                   train.NonFiniteLossError, interop.WeightFileError,
+                   interop.StateDictMismatchError)
 
 
 class UsageError(Exception):
@@ -108,6 +110,11 @@ def parse(flag_values: flags.FlagValues, argv: list[str]) -> None:
 def run(argv: list[str], flag_values: flags.FlagValues, body: Callable[[], None]) -> int:
   """Parses ``argv`` and runs ``body``; returns the exit code (0, 1 expected error, 2 usage)."""
   debug = "--debug" in argv
+  if not debug:
+    # Library chatter (no TPU found, OpenCV missing, orbax notes) buries the run's own output; our
+    # messages are printed, not logged. --debug keeps the libraries' logs.
+    for name in ("", "absl"):
+      logging.getLogger(name).setLevel(logging.ERROR)
   try:
     parse(flag_values, argv)
     body()

@@ -58,12 +58,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict()
   c.teacher.name = ""  # '' = no static teacher
   c.teacher.workdir = ""  # its workdir or export dir; relative paths are under this run's workdir
+  c.teacher.checkpoint = ""  # a PyTorch file (.pth/.safetensors/.npz) of teacher.name; wins over workdir
   c.teacher.config = ""  # 'path.py[:arg]': train the teacher there first if it is missing
   c.teacher.train_mode = False  # True = batch-stat BN like the reference code (docs/method.md §13, P1)
   c.teacher.model = ml_collections.ConfigDict({"dtype": "float32"})
 
   c.init = ml_collections.ConfigDict()
-  c.init.student = ""  # an export (or workdir) of a pre-trained student: GPD fine-tuning
+  c.init.student = ""  # an export (or workdir) or a PyTorch file of a pre-trained student: GPD fine-tuning
 
   c.loss = ml_collections.ConfigDict()
   c.loss.base = "ce"  # 'ce' | 'kd' | 'dkd' | 'dist'
@@ -120,6 +121,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule.boundaries = (150, 180, 210)  # epochs ('step')
   c.schedule.decay_factor = 0.1
   c.schedule.min_lr = 0.0
+  c.schedule.warmup_init_lr = 0.0  # first LR of the linear warm-up
+  c.schedule.cooldown_epochs = 0.0  # 'cosine': final epochs held at min_lr
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1,)
@@ -375,4 +378,43 @@ def imagenet_config(arg, *, config_dir, model="resnet18", teacher="", dkd_beta=N
   if "runlocal" in flags:
     imagenet_runlocal(c, teacher_config=os.path.join(config_dir, f"imagenet_ce.py:{teacher},runlocal")
                       if teacher else None)
+  return c
+
+
+# timm's no-weight-decay rule of the ViT recipes: 1-D leaves (biases, LayerNorm/BatchNorm affine
+# parameters) and the model's token / position parameters.
+VIT_NO_DECAY_REGEX = r"(/bias|/scale|/cls_token|/dist_token|/pos_embed)$"
+
+
+def vit_recipe(c, *, model, batch_size=2048, drop_path_rate=0.0):
+  """GPD's ImageNet vision-transformer recipe (docs/method.md §9.2; RVT's ``main_gpd.py`` defaults).
+
+  AdamW (wd 0.05, no decay on 1-D leaves and tokens), LR 5e-4 × batch/512, cosine with 5 warm-up
+  epochs from 1e-6 down to 1e-5, 300 + 10 cool-down epochs, label smoothing 0.1, EMA 0.99996, no
+  gradient clipping, drop-path ``drop_path_rate``. Augmentation: RandomResizedCrop + flip only; the
+  reference's RandAugment, mixup/cutmix, random erasing and repeated augmentation are not implemented.
+  """
+  imagenet_recipe(c, model=model)
+  c.batch_size = batch_size
+  c.num_epochs = 310.0
+  c.model.kwargs = ml_collections.ConfigDict({"drop_path_rate": drop_path_rate})
+  c.optim.name = "adamw"
+  c.optim.weight_decay = 0.05
+  c.optim.no_decay_regex = VIT_NO_DECAY_REGEX
+  c.optim.clip_norm = 0.0
+  c.schedule.name = "cosine"
+  c.schedule.base_lr = 5e-4 * batch_size / 512
+  c.schedule.warmup_epochs = 5.0
+  c.schedule.warmup_init_lr = 1e-6
+  c.schedule.min_lr = 1e-5
+  c.schedule.cooldown_epochs = 10.0
+  c.loss.label_smoothing = 0.1
+  c.ema_decay = 0.99996
+  return c
+
+
+def vit_runlocal(c, *, teacher_config=None):
+  """``runlocal`` for the ViT configs: :func:`imagenet_runlocal` on 64×64 images (4×4 tokens)."""
+  imagenet_runlocal(c, teacher_config=teacher_config)
+  c.model.kwargs.image_size = 64
   return c

@@ -354,3 +354,19 @@ def agreement(logits_a, logits_b):
         f"`logits_b` shape {logits_b.shape} must equal `logits_a` shape {logits_a.shape}.")
   same = jnp.argmax(logits_a, axis=-1) == jnp.argmax(logits_b, axis=-1)
   return same.astype(jnp.float32)
+
+
+def classification_sums(logits, labels, mask, suffix: str = "") -> dict:
+  """Masked sums of one network's eval metrics over a batch (padding has ``mask`` 0).
+
+  Args:
+    logits: ``[B, K]``; labels: ``[B]`` ints; mask: ``[B]`` in {0, 1}.
+    suffix: appended to the keys, e.g. ``'_S'`` -> ``top1_S``.
+  Returns:
+    ``{'top1'+suffix, 'top5'+suffix, 'ce'+suffix}``: scalar sums (top-5 is top-K when K < 5);
+    divide by ``mask.sum()`` for means.
+  """
+  k = min(5, logits.shape[-1])
+  return {f"top1{suffix}": jnp.sum(mask * top_k_correct(logits, labels, 1)),
+          f"top5{suffix}": jnp.sum(mask * top_k_correct(logits, labels, k)),
+          f"ce{suffix}": jnp.sum(mask * cross_entropy(logits, labels))}

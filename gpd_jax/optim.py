@@ -4,7 +4,9 @@ Config fields (``config.schedule`` and ``config.optim``)::
 
   schedule.name          'step' | 'cosine' | 'constant'
   schedule.base_lr       peak learning rate
-  schedule.warmup_epochs linear warm-up from 0 (0 = none)
+  schedule.warmup_epochs linear warm-up from ``warmup_init_lr`` (0 = none)
+  schedule.warmup_init_lr the warm-up's first learning rate (default 0; timm's ViT recipes: 1e-6)
+  schedule.cooldown_epochs 'cosine': the last epochs held at ``min_lr`` (timm's cool-down; default 0)
   schedule.boundaries    'step': epochs at which the LR is multiplied by ``decay_factor``
   schedule.decay_factor  'step': e.g. 0.1
   schedule.min_lr        'cosine': final learning rate
@@ -43,13 +45,16 @@ def make_schedule(schedule_config, *, steps_per_epoch: int, total_steps: int) ->
                        f"got {tuple(c.boundaries)} with warmup_epochs={c.get('warmup_epochs', 0)}")
     main = optax.piecewise_constant_schedule(c.base_lr, boundaries)
   elif c.name == "cosine":
-    main = optax.cosine_decay_schedule(c.base_lr, max(total_steps - warmup, 1),
+    # After its decay steps optax's cosine holds alpha·base_lr = min_lr: that is the cool-down.
+    cooldown = int(round(c.get("cooldown_epochs", 0) * steps_per_epoch))
+    main = optax.cosine_decay_schedule(c.base_lr, max(total_steps - warmup - cooldown, 1),
                                        alpha=c.get("min_lr", 0.0) / c.base_lr)
   else:
     main = optax.constant_schedule(c.base_lr)
   if warmup == 0:
     return main
-  return optax.join_schedules([optax.linear_schedule(0.0, c.base_lr, warmup), main], [warmup])
+  return optax.join_schedules(
+      [optax.linear_schedule(c.get("warmup_init_lr", 0.0), c.base_lr, warmup), main], [warmup])
 
 
 def decay_mask(params, no_decay_regex: str):

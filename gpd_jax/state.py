@@ -38,6 +38,7 @@ class Task:
     objective: ``objective(logits, labels, *, step) -> (total, terms)``.
     sample_shape: [1, S, S, C] of one input.
     num_classes: K.
+    dropout_seed: seed of the ``'dropout'`` rng stream (drop-path), folded with the step.
   """
   student: nn.Module
   model: nn.Module
@@ -47,6 +48,7 @@ class Task:
   objective: Callable
   sample_shape: tuple[int, ...]
   num_classes: int
+  dropout_seed: int = 0
 
   @property
   def gpd(self) -> bool:
@@ -126,7 +128,8 @@ def build_task(config, *, num_classes: int, sample_shape: tuple[int, ...],
               teacher_train_mode=bool(config.teacher.get("train_mode", False)),
               objective=make_objective(config.loss, config.gpd if gpd else None,
                                        steps_per_epoch=steps_per_epoch),
-              sample_shape=tuple(sample_shape), num_classes=num_classes)
+              sample_shape=tuple(sample_shape), num_classes=num_classes,
+              dropout_seed=int(config.get("seed", 0)))
 
 
 def init_state(task: Task, config, tx: optax.GradientTransformation, rng: jax.Array,
@@ -146,10 +149,12 @@ def init_state(task: Task, config, tx: optax.GradientTransformation, rng: jax.Ar
     _, variables = expand(task.student, student_variables, ratio=config.gpd.ratio, rng=ir_rng,
                           noise_std=config.gpd.noise_std, branches=bool(config.gpd.branches),
                           pretrained=bool(config.gpd.pretrained_branches), sample_input=sample)
-    student_batch_stats = student_variables["batch_stats"]
+    student_batch_stats = student_variables.get("batch_stats", {})
   params = variables["params"]
+  # Models without BatchNorm (DeiT) have no statistics: an empty collection keeps one code path.
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, consts=variables.get("consts"),
-                     batch_stats=variables["batch_stats"], student_batch_stats=student_batch_stats,
+                     batch_stats=variables.get("batch_stats", {}),
+                     student_batch_stats=student_batch_stats,
                      opt_state=tx.init(params), ema=None)
   if config.ema_decay:
     state = state.replace(ema={"params": params, "batch_stats": state.batch_stats,

@@ -25,8 +25,12 @@ def teacher_logits(task: Task, teacher_variables, images: jax.Array, *, train: b
   return jax.lax.stop_gradient(logits.astype(jnp.float32))
 
 
-def forward(task: Task, params, consts, batch_stats, student_batch_stats, images, *, train: bool):
+def forward(task: Task, params, consts, batch_stats, student_batch_stats, images, *, train: bool,
+            rngs=None):
   """Logits of the trained network and of the student.
+
+  ``rngs``: train-mode rng streams (``{'dropout': key}`` for drop-path). The DT and the student get
+  the same key, so stochastic depth drops the same blocks in both (matched drop-path).
 
   Returns:
     (logits, new_stats): ``logits['student']`` [B, K] always and ``logits['dt']`` with GPD;
@@ -34,8 +38,9 @@ def forward(task: Task, params, consts, batch_stats, student_batch_stats, images
   """
   def apply(model, variables):
     if train:
-      out, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
-      return out, updates["batch_stats"]
+      out, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
+                                 rngs=rngs or {})
+      return out, updates.get("batch_stats", {})
     return model.apply(variables, images, train=False), variables["batch_stats"]
 
   model_params = {"params": params} if consts is None else {"params": params, "consts": consts}
@@ -57,6 +62,8 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
   """
   def train_step(state: TrainState, batch, teacher_variables):
     images, labels = batch["image"], batch["label"]
+    # A per-step key (a function of the step, so resumed runs draw the same masks).
+    rngs = {"dropout": jax.random.fold_in(jax.random.key(task.dropout_seed), state.step)}
     teacher = {}
     if task.teacher is not None:
       teacher["teacher"] = teacher_logits(task, teacher_variables, images,
@@ -64,7 +71,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
 
     def loss_fn(params):
       logits, new_stats = forward(task, params, state.consts, state.batch_stats,
-                                  state.student_batch_stats, images, train=True)
+                                  state.student_batch_stats, images, train=True, rngs=rngs)
       total, terms = task.objective({**logits, **teacher}, labels, step=state.step)
       return total, (terms, new_stats)
 
@@ -94,10 +101,7 @@ def make_eval_step(task: Task):
   has an EMA, the same student/DT sums of the EMA weights with the suffix ``_ema``.
   """
   def net_sums(logits, labels, mask, name):
-    k = min(5, logits.shape[-1])
-    return {f"top1_{name}": jnp.sum(mask * losses.top_k_correct(logits, labels, 1)),
-            f"top5_{name}": jnp.sum(mask * losses.top_k_correct(logits, labels, k)),
-            f"ce_{name}": jnp.sum(mask * losses.cross_entropy(logits, labels))}
+    return losses.classification_sums(logits, labels, mask, f"_{name}")
 
   def agree(a, b, mask):
     return jnp.sum(mask * losses.agreement(a, b))

@@ -10,22 +10,28 @@ dkd or dist and ``gpd.enabled``); GPD from scratch (``loss.base='ce'``, no teach
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import os
 import time
-import types
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gpd_jax import checkpoint, data, losses, optim, sharding, validate
+from gpd_jax import checkpoint, data, interop, losses, optim, report, sharding, validate
 from gpd_jax.metric_writer import MetricWriter
+from gpd_jax.progress import Progress
 from gpd_jax.state import Task, TrainState, build_task, init_state, model_kwargs
 from gpd_jax.step import make_eval_step, make_train_step
 from gpd_jax.transforms import export_student
+
+CONFIG_FILE = "config.json"  # the run's config, saved in its workdir
+
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; the last checkpoint (all finite) is kept."""
@@ -99,12 +105,21 @@ def load_teacher(config, workdir: str, num_classes: int, mesh):
 
   The module is built from the export's ``model.json``; it must be ``config.teacher.name``.
 
-  ``config.teacher.workdir``: a teacher run's workdir or an export directory; a relative path is
-  taken relative to this run's ``workdir``. When it holds no export and ``config.teacher.config``
-  names a config file (``path.py[:arg]``), that run is trained there first (and resumes if cut off).
+  ``config.teacher.checkpoint``: a PyTorch weight file (``.pth``, ``.pth.tar``, ``.safetensors``,
+  ``.npz``; e.g. torchvision's ``resnet34-333f7ec4.pth``) in the layout of ``config.teacher.name``;
+  when set it is used instead of ``config.teacher.workdir``.
+
+  ``config.teacher.workdir``: a teacher run's workdir or an export directory. When it holds no
+  export and ``config.teacher.config`` names a config file (``path.py[:arg]``), that run is trained
+  there first (and resumes if cut off). Relative paths (both fields) are taken relative to this
+  run's ``workdir``.
   """
   if not config.teacher.get("name"):
     return None, None
+  teacher_kwargs = model_kwargs(config.teacher.get("model", {}) or {}, field="config.teacher.model")
+  dtype = teacher_kwargs["dtype"]
+  if config.teacher.get("checkpoint"):
+    return _load_torch_teacher(config, workdir, num_classes, mesh, teacher_kwargs)
   teacher_dir = config.teacher.get("workdir") or ""
   if not teacher_dir:
     raise ValueError("config.teacher.workdir is empty: point it to a trained teacher's workdir or "
@@ -123,7 +138,6 @@ def load_teacher(config, workdir: str, num_classes: int, mesh):
     if jax.process_index() == 0:
       print(f"gpd_jax: no teacher at {teacher_dir}; training it first with {teacher_config}", flush=True)
     train_and_evaluate(load_config_file(teacher_config), teacher_dir)
-  dtype = model_kwargs(config.teacher.get("model", {}) or {}, field="config.teacher.model")["dtype"]
   module, variables, info = checkpoint.load_export(teacher_dir, mesh, dtype=dtype)
   if info["name"] != config.teacher.name:
     raise ValueError(f"config.teacher.name={config.teacher.name!r}, but the teacher at {teacher_dir!r} "
@@ -135,15 +149,31 @@ def load_teacher(config, workdir: str, num_classes: int, mesh):
   return module, variables
 
 
+def _load_torch_teacher(config, workdir: str, num_classes: int, mesh, teacher_kwargs: dict):
+  """The static teacher from the PyTorch file ``config.teacher.checkpoint`` (replicated), built as
+  ``models.create(config.teacher.name, num_classes, **config.teacher.model.kwargs, dtype=...)``."""
+  path = os.path.join(workdir, config.teacher.checkpoint)
+  module, variables, _ = interop.load_torch_model(
+      path, config.teacher.name, num_classes=num_classes, field="config.teacher.checkpoint",
+      **teacher_kwargs)
+  return module, jax.device_put(variables, NamedSharding(mesh, P()))
+
+
 def load_pretrained_student(config, workdir: str, task: Task, mesh):
   """The plain student variables to fine-tune from, or None.
 
-  ``config.init.student``: an export or a workdir holding one; relative to this run's workdir.
+  ``config.init.student``: an export, a workdir holding one, or a PyTorch weight file (``.pth``,
+  ``.safetensors``, ``.npz``) of ``config.model.name``; relative to this run's workdir.
   """
   path = config.get("init", {}).get("student") or ""
   if not path:
     return None
   path = os.path.join(workdir, path)
+  if interop.is_weight_file(path):
+    variables = interop.load_torch_variables(path, config.model.name, task.student,
+                                             task.sample_shape, num_classes=task.num_classes,
+                                             field="config.init.student")
+    return jax.device_put(variables, NamedSharding(mesh, P()))
   try:
     _, variables, info = checkpoint.load_export(path, mesh)
   except FileNotFoundError as e:
@@ -159,13 +189,14 @@ def load_pretrained_student(config, workdir: str, task: Task, mesh):
 # Evaluation.
 
 
-def _mean_over_split(config, split: str, sums_fn, batch_sharding) -> dict:
+def _mean_over_split(config, split: str, sums_fn, batch_sharding, wrap=None) -> dict:
   """Means of ``sums_fn(batch)`` over one pass of eval split ``split`` (padding masked out):
-  percentages for accuracies and agreements, plain means for ``ce*``."""
+  percentages for accuracies and agreements, plain means for ``ce*``. ``wrap``: an optional
+  wrapper of the batch iterator (progress display)."""
   totals = None
   iterator = data.create_eval_iterator(config, split, process_index=jax.process_index(),
                                        process_count=jax.process_count())
-  for batch in iterator:
+  for batch in (wrap(iterator) if wrap else iterator):
     sums = sums_fn(sharding.shard_batch(batch, batch_sharding))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
@@ -173,10 +204,11 @@ def _mean_over_split(config, split: str, sums_fn, batch_sharding) -> dict:
   return {k: float(v) / count * (1.0 if k.startswith("ce") else 100.0) for k, v in totals.items()}
 
 
-def evaluate(config, split: str, eval_step, state, teacher_variables, batch_sharding) -> dict:
+def evaluate(config, split: str, eval_step, state, teacher_variables, batch_sharding,
+             wrap=None) -> dict:
   """Student / DT / teacher / EMA metrics of ``state`` over eval split ``split``."""
   return _mean_over_split(config, split, lambda b: eval_step(state, b, teacher_variables),
-                          batch_sharding)
+                          batch_sharding, wrap)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,72 +228,107 @@ def _flush(pending: list, first_step: int) -> dict:
   return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0] if k != "finite"}
 
 
-def setup(config, workdir: str, *, training: bool = True) -> types.SimpleNamespace:
-  """Everything a run needs, with the state restored from ``workdir`` or freshly initialised.
+@dataclasses.dataclass
+class Run:
+  """Everything a run needs, built by :func:`setup` (the state restored or freshly initialised).
 
-  Returns a namespace with ``mesh``, ``batch_sharding``, ``task``, ``teacher_variables``,
-  ``schedule``, ``tx``, ``state`` (None when ``training`` is False and there is no checkpoint),
-  ``state_shardings``, ``ckpt``, ``identity``, ``best``, ``train_iter`` (training only),
-  ``steps_per_epoch``, ``total_steps``, ``sample_shape`` and ``num_classes``.
+  Attributes:
+    mesh, batch_sharding: the device mesh and the sharding of a batch's leading axis.
+    num_classes, sample_shape: K and [1, S, S, C] of one input.
+    steps_per_epoch, total_steps: the loop's length.
+    train_iter: the resumable training iterator (None when only evaluating).
+    task: modules, student-view spec and objective (static).
+    teacher_variables: the static teacher's variables (replicated), or None.
+    schedule, tx: the learning-rate schedule and the optax optimizer.
+    state: the :class:`TrainState` (None when evaluating a workdir without checkpoint).
+    state_shardings: the state's shardings (jit in/out shardings).
+    ckpt: the workdir's :class:`~gpd_jax.checkpoint.Checkpointer`.
+    identity: what a checkpoint must agree on to be resumed by this config.
+    best: best value so far of each top-1/top-5/agreement metric (first eval split).
+    best_step: the step at which ``config.select_metric`` was best, or None.
+    last_evals: the latest ``{split: metrics}`` of the eval splits.
   """
-  run = types.SimpleNamespace()
+  mesh: Any
+  batch_sharding: Any
+  num_classes: int
+  sample_shape: tuple
+  steps_per_epoch: int
+  total_steps: int
+  train_iter: Any
+  task: Task
+  teacher_variables: Any
+  schedule: Callable
+  tx: Any
+  state: TrainState | None
+  state_shardings: Any
+  ckpt: checkpoint.Checkpointer
+  identity: dict
+  best: dict
+  best_step: int | None = None
+  last_evals: dict = dataclasses.field(default_factory=dict)
+
+
+def setup(config, workdir: str, *, training: bool = True) -> Run:
+  """Everything a run needs, with the state restored from ``workdir`` or freshly initialised
+  (see :class:`Run`)."""
   # Mesh and batch layout.
-  run.mesh = mesh = sharding.make_mesh(config.mesh)
-  run.batch_sharding = sharding.batch_sharding(mesh, config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
+  batch_sharding = sharding.batch_sharding(mesh, config.mesh)
   _check_config(config, jax.device_count(), sharding.num_batch_shards(mesh, config.mesh))
 
   # Data.
   info = data.get_dataset_info(config)
-  run.num_classes = info.num_classes
-  run.sample_shape = _sample_shape(config, info)
-  run.steps_per_epoch = data.steps_per_epoch(config)
-  run.total_steps = config.get("num_train_steps") or int(round(config.num_epochs * run.steps_per_epoch))
-  run.train_iter = None
+  sample_shape = _sample_shape(config, info)
+  steps_per_epoch = data.steps_per_epoch(config)
+  total_steps = config.get("num_train_steps") or int(round(config.num_epochs * steps_per_epoch))
+  train_iter = None
   if training:
-    run.train_iter = data.create_train_iterator(config, process_index=jax.process_index(),
-                                                process_count=jax.process_count())
+    train_iter = data.create_train_iterator(config, process_index=jax.process_index(),
+                                            process_count=jax.process_count())
 
   # Modules, teacher, optimizer.
-  teacher, run.teacher_variables = load_teacher(config, workdir, info.num_classes, mesh)
-  run.task = task = build_task(config, num_classes=info.num_classes, sample_shape=run.sample_shape,
-                               teacher=teacher, steps_per_epoch=run.steps_per_epoch)
-  run.schedule = optim.make_schedule(config.schedule, steps_per_epoch=run.steps_per_epoch,
-                                     total_steps=run.total_steps)
-  run.tx = optim.make_optimizer(config.optim, run.schedule)
+  teacher, teacher_variables = load_teacher(config, workdir, info.num_classes, mesh)
+  task = build_task(config, num_classes=info.num_classes, sample_shape=sample_shape,
+                    teacher=teacher, steps_per_epoch=steps_per_epoch)
+  schedule = optim.make_schedule(config.schedule, steps_per_epoch=steps_per_epoch,
+                                 total_steps=total_steps)
+  tx = optim.make_optimizer(config.optim, schedule)
 
   # State: restored into sharded abstract targets, or born sharded.
   pretrained = load_pretrained_student(config, workdir, task, mesh) if training else None
-  init_fn = lambda rng, student: init_state(task, config, run.tx, rng, student)
+  init_fn = lambda rng, student: init_state(task, config, tx, rng, student)
   # RBG keys: XLA:CPU compiles threefry-based initialisers of a whole network very slowly (a tiny
   # GPD init: ~60 s with threefry vs ~10 s with RBG); the init is deterministic either way.
   rng = jax.random.key(config.seed, impl="rbg")
   abstract = jax.eval_shape(init_fn, rng, pretrained)
-  run.state_shardings = sharding.tree_shardings(mesh, abstract, config.mesh.get("param_rules", ()))
+  state_shardings = sharding.tree_shardings(mesh, abstract, config.mesh.get("param_rules", ()))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, run.state_shardings)
+                          abstract, state_shardings)
   # Evaluation only reads: it never moves a damaged step aside, and needs the same model only.
-  run.ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     keep=config.get("keep_checkpoints", 3), read_only=not training)
-  run.identity = run_identity(config, info.num_classes, run.steps_per_epoch, run.total_steps)
-  restored = run.ckpt.restore_latest(
-      abstract, run.identity, identity_fields=None if training else checkpoint.MODEL_IDENTITY_FIELDS)
-  run.best = {}
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 keep=config.get("keep_checkpoints", 3), read_only=not training)
+  identity = run_identity(config, info.num_classes, steps_per_epoch, total_steps)
+  restored = ckpt.restore_latest(
+      abstract, identity, identity_fields=None if training else checkpoint.MODEL_IDENTITY_FIELDS)
+  best, best_step, state = {}, None, None
   if restored is not None:
-    run.state, data_state, ckpt_info = restored
+    state, data_state, ckpt_info = restored
     if training:
-      run.train_iter.set_state(data_state)
-    run.best = ckpt_info.get("best", {})
+      train_iter.set_state(data_state)
+    best, best_step = ckpt_info.get("best", {}), ckpt_info.get("best_step")
     if jax.process_index() == 0:
-      print(f"gpd_jax: {'resuming from' if training else 'evaluating'} step {int(run.state.step)} in "
-            f"{run.ckpt.directory}", flush=True)
+      print(f"gpd_jax: {'resuming from' if training else 'evaluating'} step {int(state.step)} in "
+            f"{ckpt.directory}", flush=True)
   elif training:
-    run.state = jax.jit(init_fn, out_shardings=run.state_shardings)(rng, pretrained)
-  else:
-    run.state = None
-  return run
+    state = jax.jit(init_fn, out_shardings=state_shardings)(rng, pretrained)
+  return Run(mesh=mesh, batch_sharding=batch_sharding, num_classes=info.num_classes,
+             sample_shape=sample_shape, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+             train_iter=train_iter, task=task, teacher_variables=teacher_variables,
+             schedule=schedule, tx=tx, state=state, state_shardings=state_shardings, ckpt=ckpt,
+             identity=identity, best=best, best_step=best_step)
 
 
-def _jit_steps(config, run):
+def _jit_steps(config, run: Run):
   replicated = NamedSharding(run.mesh, P())
   teacher_shardings = (None if run.teacher_variables is None else
                        jax.tree.map(lambda _: replicated, run.teacher_variables))
@@ -308,12 +375,8 @@ def evaluate_export(config, path: str, splits: dict | None = None) -> dict:
   @jax.jit
   def eval_step(variables, batch):
     logits = module.apply(variables, batch["image"], train=False).astype(jnp.float32)
-    mask, labels = batch["mask"], batch["label"]
-    k = min(5, logits.shape[-1])
-    return {"count": jnp.sum(mask),
-            "top1": jnp.sum(mask * losses.top_k_correct(logits, labels, 1)),
-            "top5": jnp.sum(mask * losses.top_k_correct(logits, labels, k)),
-            "ce": jnp.sum(mask * losses.cross_entropy(logits, labels))}
+    return {"count": jnp.sum(batch["mask"]),
+            **losses.classification_sums(logits, batch["label"], batch["mask"])}
 
   splits = splits or {**dict(config.dataset.get("eval_splits", {}) or {}),
                       **dict(config.dataset.get("test_splits", {}) or {})}
@@ -324,13 +387,17 @@ def evaluate_export(config, path: str, splits: dict | None = None) -> dict:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains per ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns final metrics.
 
-  Writes ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/`` and, at the end, ``export/`` (the plain
-  student, from the raw weights) and ``export_ema/`` (from the EMA weights, when enabled).
+  Writes ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``, ``export_best/``
+  (the plain student at the best ``config.select_metric``, updated at each evaluation that
+  improves it) and, at the end, ``export/`` (the last raw weights) and ``export_ema/`` (the last EMA
+  weights, when enabled). Returns ``{'eval': {split: metrics}, 'test': {...}, 'best': {...},
+  'best_step': int, 'step': int}``.
   """
   workdir = os.path.abspath(workdir)
   validate.check_run(config, workdir)  # seconds; before anything is created or compiled
   os.makedirs(workdir, exist_ok=True)
-  run = setup(config, workdir)
+  run = setup(config, workdir)  # (trains a missing static teacher first when configured to)
+  started = time.perf_counter()
   if int(run.state.step) >= run.total_steps and _exports_intact(workdir, run.state):
     # A finished run: change nothing on disk (no metrics, no events, no new export).
     run.ckpt.close()
@@ -339,88 +406,185 @@ def train_and_evaluate(config, workdir: str) -> dict:
             f"{run.total_steps}); its exports are intact, nothing to do. Raise config.num_epochs "
             "to train longer.", flush=True)
     return {"eval": {}, "best": run.best, "step": int(run.state.step), "already_finished": True}
-  mesh, batch_sharding, task, ckpt = run.mesh, run.batch_sharding, run.task, run.ckpt
-  teacher_variables, state, best, train_iter = (run.teacher_variables, run.state, run.best,
-                                                run.train_iter)
-  steps_per_epoch, total_steps, identity = run.steps_per_epoch, run.total_steps, run.identity
-  train_step, eval_step = _jit_steps(config, run)
-
   is_main = jax.process_index() == 0
-  writer = MetricWriter(workdir, enabled=is_main)
-  eval_splits = dict(config.dataset.get("eval_splits", {}) or {})
-  test_splits = dict(config.dataset.get("test_splits", {}) or {})
-  eval_every = int(config.get("eval_every_epochs", 1) * steps_per_epoch) or steps_per_epoch
-  log_every = max(1, int(config.get("log_every_steps", 50)))
-  ckpt_every = max(1, int(config.get("checkpoint_every_steps") or steps_per_epoch))
-  select_key = config.get("select_metric", "top1_S")
   if is_main:
-    print(f"gpd_jax: {config.model.name} on {config.dataset.name}, {total_steps} steps "
-          f"({steps_per_epoch}/epoch), global batch {config.batch_size} on {mesh.size} "
-          f"devices ({config.batch_size // sharding.num_batch_shards(mesh, config.mesh)} per device), "
-          f"GPD={'on r=%d' % config.gpd.ratio if config.gpd.enabled else 'off'}, "
-          f"teacher={config.teacher.get('name') or 'none'}, workdir={workdir}", flush=True)
-
-  def run_evals(step: int, splits: dict, kind: str) -> dict:
-    results = {}
-    for name, split in splits.items():
-      metrics = evaluate(config, split, eval_step, state, teacher_variables, batch_sharding)
-      metrics["epoch"] = step / steps_per_epoch
-      writer.write(step, f"{kind}/{name}", metrics)
-      results[name] = metrics
-    return results
-
-  def save(step: int) -> None:
-    ckpt.save(step, state, train_iter.get_state(),
-              {"run": identity, "best": best, "epoch": step / steps_per_epoch})
-
-  step = int(state.step)
-  pending, window_start, window_time = [], step, time.perf_counter()
-  progress = tqdm.tqdm(total=total_steps, initial=step, disable=not is_main, desc="train",
-                       dynamic_ncols=True)
-  last_evals = {}
+    save_config(config, workdir)
+  train_step, eval_step = _jit_steps(config, run)
+  writer = MetricWriter(workdir, enabled=is_main)
+  progress = Progress(run.total_steps, int(run.state.step), enabled=is_main)
+  loop = LoopContext(config=config, run=run, workdir=workdir, train_step=train_step,
+                     eval_step=eval_step, writer=writer, progress=progress,
+                     cadence=Cadence.from_config(config, run.steps_per_epoch, run.total_steps))
+  if is_main:
+    print(_run_header(config, run, workdir), flush=True)
   try:
-    while step < total_steps:
-      batch = sharding.shard_batch(next(train_iter), batch_sharding)
-      state, metrics = train_step(state, batch, teacher_variables)
-      pending.append(metrics)
-      step += 1
-      progress.update(1)
-      at_end = step == total_steps
-      if step % log_every == 0 or at_end or step % ckpt_every == 0:
-        means = _flush(pending, window_start)  # also guards the checkpoint below against NaNs
-        elapsed = time.perf_counter() - window_time
-        means["images_per_sec"] = len(pending) * config.batch_size / max(elapsed, 1e-9)
-        means["epoch"] = step / steps_per_epoch
-        writer.write(step, "train", means)
-        progress.set_postfix(loss=f"{means['total']:.3f}", lr=f"{means['lr']:.3g}")
-        pending, window_start, window_time = [], step, time.perf_counter()
-      if step % eval_every == 0 or at_end:
-        last_evals = run_evals(step, eval_splits, "eval")
-        if eval_splits:
-          first = last_evals[next(iter(eval_splits))]
-          for key, value in first.items():
-            if key.startswith(("top1", "top5", "agree")) and value > best.get(key, -1.0):
-              best[key] = value
-          writer.write(step, "best", best)
-          progress.write(f"step {step} epoch {step / steps_per_epoch:.2f}: " + ", ".join(
-              f"{k}={v:.2f}" for k, v in first.items() if k.startswith("top1")))
-      if step % ckpt_every == 0 or at_end:
-        save(step)
-    progress.close()
-    ckpt.wait()
-    final = {"eval": last_evals, "best": best, "step": step}
-    if test_splits:
-      final["test"] = run_evals(step, test_splits, "test")
-    _export(config, task, state, workdir, run.sample_shape, run.num_classes)
-    if is_main:
-      print(f"gpd_jax: done at step {step}; best {select_key}="
-            f"{best.get(select_key, float('nan')):.2f}; exported to {workdir}/export", flush=True)
-    return final
+    state = _train_loop(loop)
+    return _finish(loop, state, seconds_since=started)
   finally:
     progress.close()
-    ckpt.wait()
-    ckpt.close()
+    run.ckpt.wait()
+    run.ckpt.close()
     writer.close()
+
+
+def _run_header(config, run: Run, workdir: str) -> str:
+  per_device = config.batch_size // sharding.num_batch_shards(run.mesh, config.mesh)
+  gpd = f"on, r={config.gpd.ratio}" if config.gpd.enabled else "off"
+  return (f"gpd_jax: {config.model.name} on {config.dataset.name}, {run.total_steps} steps "
+          f"({run.steps_per_epoch}/epoch), global batch {config.batch_size} on {run.mesh.size} "
+          f"devices ({per_device} per device), GPD {gpd}, teacher "
+          f"{config.teacher.get('name') or 'none'}, workdir {workdir}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+  """When the loop logs, evaluates and checkpoints; every count is in steps."""
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+  total_steps: int
+
+  @classmethod
+  def from_config(cls, config, steps_per_epoch: int, total_steps: int) -> "Cadence":
+    eval_every = int(config.get("eval_every_epochs", 1) * steps_per_epoch) or steps_per_epoch
+    return cls(log_every=max(1, int(config.get("log_every_steps", 50))),
+               eval_every=max(1, eval_every),
+               checkpoint_every=max(1, int(config.get("checkpoint_every_steps") or steps_per_epoch)),
+               total_steps=total_steps)
+
+  def checkpoint_due(self, step: int) -> bool:
+    return step % self.checkpoint_every == 0 or step == self.total_steps
+
+  def eval_due(self, step: int) -> bool:
+    return step % self.eval_every == 0 or step == self.total_steps
+
+  def log_due(self, step: int) -> bool:
+    # A checkpoint is only written after the steps before it were checked for NaNs (logged).
+    return step % self.log_every == 0 or self.checkpoint_due(step)
+
+
+@dataclasses.dataclass
+class LoopContext:
+  """What the training loop reads: the run, its jitted steps and its outputs."""
+  config: Any
+  run: Run
+  workdir: str
+  train_step: Callable
+  eval_step: Callable
+  writer: MetricWriter
+  progress: Progress
+  cadence: Cadence
+
+
+def _train_loop(loop: LoopContext):
+  """Steps from the state's step to ``total_steps``: logs, evaluates (exporting the best student)
+  and checkpoints on the loop's cadence. Returns the final state."""
+  config, run, progress, cadence = loop.config, loop.run, loop.progress, loop.cadence
+  state = run.state
+  step = first_step = int(state.step)
+  pending = []  # per-step metrics not yet fetched: fetching every step would stall dispatch
+  window_first_step, untimed_steps = step, 0
+  while step < cadence.total_steps:
+    batch = sharding.shard_batch(next(run.train_iter), run.batch_sharding)
+    if step == first_step:
+      # The first call compiles; time it apart so throughput counts training alone.
+      with progress.timed("compiling the train step (the first step waits for it)"):
+        state, metrics = loop.train_step(state, batch, run.teacher_variables)
+        jax.block_until_ready(metrics)
+      untimed_steps = 1
+    else:
+      state, metrics = loop.train_step(state, batch, run.teacher_variables)
+    pending.append(metrics)
+    progress.dispatched(metrics)
+    step += 1
+    if cadence.log_due(step):
+      progress.wait_all()
+      means = _flush(pending, window_first_step)  # also guards the checkpoint below against NaNs
+      timed_steps = len(pending) - untimed_steps
+      seconds = progress.window_seconds()
+      if timed_steps > 0:
+        means["images_per_sec"] = timed_steps * config.batch_size / seconds
+        means["seconds_per_step"] = seconds / timed_steps
+      means["epoch"] = step / run.steps_per_epoch
+      loop.writer.write(step, "train", means)
+      progress.log(step, means, epoch=means["epoch"])
+      pending, window_first_step, untimed_steps = [], step, 0
+    if cadence.eval_due(step):
+      progress.wait_all()
+      _evaluate_and_select(loop, state, step)
+    if cadence.checkpoint_due(step):
+      with progress.paused():
+        run.ckpt.save(step, state, run.train_iter.get_state(),
+                      {"run": run.identity, "best": run.best, "best_step": run.best_step,
+                       "epoch": step / run.steps_per_epoch})
+  return state
+
+
+def _evaluate_splits(loop: LoopContext, state, step: int, splits: dict, kind: str) -> dict:
+  """``{name: metrics}`` of ``state`` on ``splits``, written as ``<kind>/<name>`` records."""
+  results = {}
+  for name, split in splits.items():
+    metrics = evaluate(loop.config, split, loop.eval_step, state, loop.run.teacher_variables,
+                       loop.run.batch_sharding,
+                       wrap=lambda batches, n=name: loop.progress.eval_batches(
+                           batches, desc=f"eval {n}", total=data.eval_steps(loop.config, split)))
+    metrics["epoch"] = step / loop.run.steps_per_epoch
+    loop.writer.write(step, f"{kind}/{name}", metrics)
+    results[name] = metrics
+  return results
+
+
+def _evaluate_and_select(loop: LoopContext, state, step: int) -> None:
+  """Evaluates the eval splits, updates the best metrics of the first one, and exports the student
+  to ``export_best/`` when ``config.select_metric`` improved."""
+  config, run = loop.config, loop.run
+  eval_splits = dict(config.dataset.get("eval_splits", {}) or {})
+  run.last_evals = _evaluate_splits(loop, state, step, eval_splits, "eval")
+  if not eval_splits:
+    return
+  first_name = next(iter(eval_splits))
+  first = run.last_evals[first_name]
+  select_key = config.get("select_metric", "top1_S")
+  improved = select_key in first and first[select_key] > run.best.get(select_key, -1.0)
+  for key, value in first.items():
+    if key.startswith(("top1", "top5", "agree")) and value > run.best.get(key, -1.0):
+      run.best[key] = value
+  if improved:
+    run.best_step = step
+    with loop.progress.paused():
+      _export(config, run.task, state, loop.workdir, run.sample_shape, run.num_classes,
+              sources=(("ema" if select_key.endswith("_ema") else "raw", "export_best"),))
+  loop.writer.write(step, "best", run.best)
+  loop.progress.write(f"step {step} epoch {step / run.steps_per_epoch:.2f} {first_name}: " + ", ".join(
+      f"{k}={v:.2f}" for k, v in first.items() if k.startswith("top1"))
+      + (f"  (best {select_key}: exported)" if improved else ""))
+
+
+def _finish(loop: LoopContext, state, *, seconds_since: float) -> dict:
+  """Waits for the last checkpoint, evaluates the test splits, exports the last weights and
+  prints the end-of-run report."""
+  config, run = loop.config, loop.run
+  loop.progress.close()
+  run.ckpt.wait()
+  step = int(state.step)
+  test_splits = dict(config.dataset.get("test_splits", {}) or {})
+  final = {"eval": run.last_evals, "best": run.best, "best_step": run.best_step, "step": step}
+  if test_splits:
+    final["test"] = _evaluate_splits(loop, state, step, test_splits, "test")
+  exports = _export(config, run.task, state, loop.workdir, run.sample_shape, run.num_classes)
+  if os.path.isdir(os.path.join(loop.workdir, "export_best")):
+    exports["best"] = os.path.join(loop.workdir, "export_best")
+  if jax.process_index() == 0:
+    select_key = config.get("select_metric", "top1_S")
+    results = {name: metrics for name, metrics in final["eval"].items()}
+    for name, metrics in final.get("test", {}).items():
+      results[name if name not in results else f"{name} (test)"] = metrics
+    best = ((select_key, run.best[select_key], run.best_step)
+            if select_key in run.best and run.best_step is not None else None)
+    print(report.end_of_run(step=step, epoch=step / run.steps_per_epoch,
+                            seconds=time.perf_counter() - seconds_since, results=results,
+                            best=best, exports=exports), flush=True)
+  return final
 
 
 def _exports_intact(workdir: str, state: TrainState) -> bool:
@@ -437,17 +601,67 @@ def _exports_intact(workdir: str, state: TrainState) -> bool:
   return True
 
 
-def _export(config, task: Task, state: TrainState, workdir: str, sample_shape, num_classes) -> None:
-  """CBR: the plain student from the raw (``export/``) and EMA (``export_ema/``) weights."""
+def _export(config, task: Task, state: TrainState, workdir: str, sample_shape, num_classes, *,
+            sources=None) -> dict[str, str]:
+  """CBR: the plain student exported from ``state``; returns ``{what: directory}``.
+
+  ``sources``: ``((weights, directory name), ...)`` with weights 'raw' or 'ema'; default: the raw
+  weights to ``export/`` ('last') and, with EMA, the EMA weights to ``export_ema/`` ('ema').
+  """
+  if sources is None:
+    sources = (("raw", "export"),) + ((("ema", "export_ema"),) if state.ema is not None else ())
   model_info = _export_info(config.model, num_classes, sample_shape)
-  sources = ["raw"] + (["ema"] if state.ema is not None else [])
-  for source in sources:
+  written = {}
+  for source, name in sources:
     variables, student_batch_stats = state.variables(source)
     if task.gpd:
       _, plain = export_student(task.model, variables, student_batch_stats, spec=task.view_spec)
     else:
       plain = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     plain = jax.device_get(plain)
-    directory = os.path.join(workdir, "export" if source == "raw" else "export_ema")
+    directory = os.path.join(workdir, name)
     if jax.process_index() == 0:
       checkpoint.save_export(directory, plain, model_info)
+    written[{"export": "last", "export_ema": "ema", "export_best": "best"}.get(name, name)] = directory
+  return written
+
+
+def save_config(config, workdir: str) -> None:
+  """Writes ``<workdir>/config.json`` (what ``launch/eval.py --workdir`` reads), atomically, and
+  only when its content changes (a resumed run with the same config leaves the file alone)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+  if os.path.isfile(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _tuples(value):
+  """JSON lists back to the tuples the configs use (mesh shapes, boundaries, ...)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def load_saved_config(directory: str):
+  """The ``ConfigDict`` a run saved in ``<directory>/config.json``.
+
+  Raises:
+    FileNotFoundError: there is no config.json there.
+    validate.ConfigError: it does not parse.
+  """
+  path = os.path.join(directory, CONFIG_FILE)
+  with open(path) as f:
+    text = f.read()
+  try:
+    values = json.loads(text)
+  except ValueError as e:
+    raise validate.ConfigError(f"{path} is not valid JSON ({e}); pass --config instead") from None
+  return ml_collections.ConfigDict(_tuples(values))

@@ -21,7 +21,7 @@ import os
 import re
 from typing import Any, Callable
 
-from gpd_jax import checkpoint, data, models, objective, optim, sharding
+from gpd_jax import checkpoint, data, interop, models, objective, optim, sharding
 from gpd_jax.data import pipeline as data_pipeline
 from gpd_jax.state import DTYPES
 
@@ -63,6 +63,14 @@ class Field:
   check: Callable[[Any], str | None] | None = None
 
 
+def _weight_file_problem(path: str) -> str | None:
+  """A PyTorch-side weight file name (.pth, .pth.tar, .safetensors, .npz)."""
+  if interop.is_weight_file(path):
+    return None
+  return (f"{path!r} is not a weight file this project reads; give a .pth, .pth.tar, .safetensors "
+          "or .npz file (or leave it empty and use teacher.workdir for an export of ours)")
+
+
 def _model_name_problem(name: str) -> str | None:
   """A shipped or registered model, or a 'package.module:Callable' that imports."""
   if name in models.available_names():
@@ -100,6 +108,7 @@ FIELDS: dict[str, Field] = {
     "model.dtype": Field("str", choices=tuple(DTYPES)),
     "teacher.name": Field("str", check=lambda name: _model_name_problem(name) if name else None),
     "teacher.workdir": Field("str"),
+    "teacher.checkpoint": Field("str", check=lambda path: _weight_file_problem(path) if path else None),
     "teacher.config": Field("str"),
     "teacher.train_mode": Field("bool"),
     "teacher.model.dtype": Field("str", choices=tuple(DTYPES)),
@@ -150,6 +159,8 @@ FIELDS: dict[str, Field] = {
     "schedule.boundaries": Field("floats", 0, hint="epochs at which the 'step' schedule decays"),
     "schedule.decay_factor": Field("float", **_POSITIVE),
     "schedule.min_lr": Field("float", 0),
+    "schedule.warmup_init_lr": Field("float", 0, hint="the first learning rate of the warm-up"),
+    "schedule.cooldown_epochs": Field("float", 0, hint="'cosine': final epochs held at min_lr"),
     "mesh.shape": Field("ints", hint="-1 = the remaining devices"),
     "mesh.axes": Field("strs"),
     "mesh.batch_axes": Field("strs"),
@@ -457,10 +468,20 @@ def _check_export(path: str, field: str, *, name: str, num_classes: int) -> None
                       f"dataset {num_classes}; the teacher and the student must share the label space")
 
 
+def _check_weight_file(path: str, field: str) -> None:
+  if not os.path.isfile(path):
+    raise ConfigError(f"{field}: no file at {path!r} (relative paths are taken under the run's "
+                      "workdir); fix the path")
+
+
 def check_teacher(config, workdir: str, num_classes: int, *, training: bool = True) -> None:
   """The static teacher's export exists (or, when training, its config can train it)."""
   name = config.teacher.get("name") or ""
   if not name:
+    return
+  weights = config.teacher.get("checkpoint") or ""
+  if weights:  # a PyTorch file: it must exist; its keys and shapes are checked when it is read
+    _check_weight_file(os.path.join(workdir, weights), "config.teacher.checkpoint")
     return
   teacher_dir = os.path.join(workdir, config.teacher.workdir)
   try:
@@ -553,8 +574,11 @@ def check_run(config, workdir: str, *, training: bool = True, splits: dict | Non
   check_teacher(config, workdir, num_classes, training=training)
   init_student = (config.get("init") or {}).get("student") or ""
   if training and init_student:
-    _check_export(os.path.join(workdir, init_student), "config.init.student", name=config.model.name,
-                  num_classes=num_classes)
+    path = os.path.join(workdir, init_student)
+    if interop.is_weight_file(path):
+      _check_weight_file(path, "config.init.student")
+    else:
+      _check_export(path, "config.init.student", name=config.model.name, num_classes=num_classes)
   steps_per_epoch = data.steps_per_epoch(config)
   total_steps = config.get("num_train_steps") or int(round(config.num_epochs * steps_per_epoch))
   if training and total_steps < 1:

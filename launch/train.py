@@ -5,7 +5,6 @@ fields on the command line, e.g. ``--config.num_epochs=3 --config.gpd.ratio=3``.
 checked before any work; a mistake prints ``error: ...`` (the field or file and the fix) and exits
 non-zero (``--debug`` adds the traceback).
 """
-import logging
 
 from absl import flags
 
@@ -20,7 +19,6 @@ def main(argv: list[str]) -> int:
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.",
                       flag_values=fv)
   flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
-  logging.getLogger("absl").setLevel(logging.WARNING)
   return cli.run(argv, fv, lambda: train_and_evaluate(fv.config, fv.workdir))
 
 

@@ -3,12 +3,14 @@
     python launch/verify_transforms.py
     python launch/verify_transforms.py --models=resnet8x4 --ratios=2,3,4 --tol=1e-5
 
-For each model (10 classes; ImageNet models on ``--imagenet_size`` inputs, CIFAR models on 32×32):
+For each model (10 classes; ImageNet models on ``--imagenet_size`` inputs, CIFAR models on 32×32,
+vision transformers on their ``image_size``):
 
 1. a random student (``model.init``) whose BatchNorm running statistics are randomized around the
    batch statistics of the test batch (so eval-mode BN is not the identity and the logits are O(1));
-2. IR with noise 0, for every ratio, without branches and with zero-scaled (pre-trained) branches:
-   max |DT − S| of the eval-mode logits;
+2. IR with noise 0, for every ratio, without branches and with zero-scaled (pre-trained) branches
+   (CNNs only: the shipped transformers have no convs that take branches): max |DT − S| of the
+   eval-mode logits;
 3. every DT parameter and constant perturbed by ``--perturb`` × its RMS (this also activates every
    OREPA branch through its scaling v), then CBR export: max |export − view| of the eval-mode logits,
    the view being the training-time student (``student_view``) with the student's statistics.
@@ -27,6 +29,7 @@ import numpy as np
 from gpd_jax import models
 from gpd_jax import transforms
 from gpd_jax.models import layers
+from gpd_jax.models.vit import RobustViT, VisionTransformer
 
 IMAGENET_MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v1")
 
@@ -63,6 +66,8 @@ def eval_logits_fn(model):
 def randomize_batch_stats(model, variables, x, seed: int):
   """Running statistics = the batch statistics of ``x``, means shifted by N(0, (0.2σ)²), variances
   scaled by U(0.5, 2)."""
+  if not variables.get("batch_stats"):  # no BatchNorm (DeiT)
+    return {**variables, "batch_stats": {}}
   _, updated = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables)
   momentum = layers.BN_MOMENTUM  # new = momentum·old + (1 − momentum)·batch
   old = transforms.flatten(variables["batch_stats"])
@@ -113,15 +118,17 @@ def max_abs_diff(a, b) -> float:
 
 def check_model(name: str, args):
   """Yields one result row per (ratio, branches)."""
-  size = args.imagenet_size if name in IMAGENET_MODELS else args.cifar_size
   model = models.create(name, args.num_classes)
+  transformer = isinstance(model, (VisionTransformer, RobustViT))
+  size = (model.image_size if transformer else
+          args.imagenet_size if name in IMAGENET_MODELS else args.cifar_size)
   x = jnp.asarray(np.random.default_rng(args.seed).normal(size=(args.batch, size, size, 3)),
                   jnp.float32)
   variables = jax.jit(lambda k: model.init(k, x[:1], train=False))(rng_key(args.seed))
   variables = randomize_batch_stats(model, variables, x, args.seed)
   z_student = eval_logits_fn(model)(variables, x)
   for ratio in args.ratios:
-    for branches in (False, True):
+    for branches in ((False,) if transformer else (False, True)):
       start = time.time()
       dt_model, dt_variables = jit_transform(lambda v, k, r=ratio, b=branches: transforms.expand(
           model, v, ratio=r, rng=k, noise_std=0.0, branches=b, pretrained=True, sample_input=x),

@@ -276,8 +276,9 @@ def test_export_is_replaced_whole(run_copy):
   np.testing.assert_array_equal(jax.device_get(again)["params"]["fc"]["bias"],
                                 variables["params"]["fc"]["bias"])
   assert info_again["note"] == "second"
-  assert sorted(os.listdir(run_copy)) == sorted(["checkpoints", "export", "export_ema",
-                                                 "metrics.jsonl", "tensorboard"])
+  assert sorted(os.listdir(run_copy)) == sorted(["checkpoints", "config.json", "export",
+                                                 "export_best", "export_ema", "metrics.jsonl",
+                                                 "tensorboard"])
 
 
 def test_eval_of_a_non_finite_export_fails_clearly(run_copy):

@@ -23,6 +23,8 @@ import flax.linen as nn
 
 from gpd_jax.models.mobilenet import MobileNetV1
 from gpd_jax.models.resnet import BasicBlock, Bottleneck, CifarResNet, ResNet, WideBasicBlock, WideResNet
+from gpd_jax.models.vit import REGISTRY as _VIT_REGISTRY
+from gpd_jax.models.vit import RobustViT, VisionTransformer
 
 _REGISTRY = {
     # ImageNet family (torchvision layout).
@@ -44,6 +46,8 @@ _REGISTRY = {
     "wrn_16_2": functools.partial(WideResNet, depth=16, widen_factor=2),
     "wrn_40_1": functools.partial(WideResNet, depth=40, widen_factor=1),
     "wrn_40_2": functools.partial(WideResNet, depth=40, widen_factor=2),
+    # Vision transformers: deit_tiny, deit_small, rvt_tiny, rvt_small, vit_fashion.
+    **_VIT_REGISTRY,
 }
 
 MODEL_NAMES = tuple(sorted(_REGISTRY))  # the models shipped with gpd_jax
@@ -136,4 +140,5 @@ def create(name: str, num_classes: int, **kwargs) -> nn.Module:
 
 
 __all__ = ["create", "register", "available_names", "MODEL_NAMES", "ResNet", "CifarResNet", "WideResNet",
-           "MobileNetV1", "BasicBlock", "Bottleneck", "WideBasicBlock"]
+           "MobileNetV1", "BasicBlock", "Bottleneck", "WideBasicBlock", "VisionTransformer",
+           "RobustViT"]

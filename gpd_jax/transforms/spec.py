@@ -94,18 +94,20 @@ def _abstract_init(model: nn.Module, sample_shape: tuple[int, ...], record: dict
 
 
 def infer_sample_shape(model: nn.Module, variables, *, argument: str = "variables") -> tuple[int, ...]:
-  """Finds an input shape [1, 32, 32, C] consistent with ``variables`` (C = image channels).
+  """Finds an input shape [1, S, S, C] consistent with ``variables`` (C = image channels).
 
+  S is the model's ``image_size`` field when it has one (a ViT's position embedding fixes it), else 32.
   CNN variables depend on the input only through the stem's input channels, so C is read off the leaves
   whose shapes change between C=1 and C=2. Models that need another spatial size take an explicit
   ``sample_input`` in the transforms.
   """
+  size = int(getattr(model, "image_size", 32))
   given = {k: tuple(np.shape(x)) for k, x in flatten(variables).items()}
   try:
-    one = {k: x.shape for k, x in flatten(_abstract_init(model, (1, 32, 32, 1))).items()}
-    two = {k: x.shape for k, x in flatten(_abstract_init(model, (1, 32, 32, 2))).items()}
+    one = {k: x.shape for k, x in flatten(_abstract_init(model, (1, size, size, 1))).items()}
+    two = {k: x.shape for k, x in flatten(_abstract_init(model, (1, size, size, 2))).items()}
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"could not trace {type(model).__name__} on [1, 32, 32, C] inputs ({e}); "
+    raise ValueError(f"could not trace {type(model).__name__} on [1, {size}, {size}, C] inputs ({e}); "
                      "pass sample_input=<an input batch> explicitly") from e
   channels = 1
   for key in one:
@@ -114,7 +116,7 @@ def infer_sample_shape(model: nn.Module, variables, *, argument: str = "variable
       if axis < len(given[key]) and given[key][axis] % one[key][axis] == 0:
         channels = given[key][axis] // one[key][axis]
         break
-  return (1, 32, 32, channels)
+  return (1, size, size, channels)
 
 
 def check_variables_match(model: nn.Module, variables, sample_shape, *, argument: str,
@@ -140,23 +142,33 @@ def check_variables_match(model: nn.Module, variables, sample_shape, *, argument
                      + "; ".join(details))
 
 
-def _layer_rescales(module: nn.Module, name: str, collection: str) -> tuple[str, bool]:
-  """(kind, rescale-if-output-widened) of a leaf from the layer that owns it."""
+def _layer_rescales(module: nn.Module, key: str) -> tuple[str, bool]:
+  """(kind, rescale-if-output-widened) of the leaf ``key`` from the layer that owns it.
+
+  Layers with a ``gpd_rescale`` method answer for themselves; their kind is ``'<gpd_role>:<name>'``
+  (``gpd_role`` defaults to 'branch', the OREPA block; e.g. 'residual' for tokens and positions).
+  """
+  collection, *_, name = key.split("/")
   if collection in STATS_COLLECTIONS:
     return "stats", False
   custom = getattr(module, "gpd_rescale", None)
   if custom is not None:
-    return f"branch:{name}", bool(custom(name, collection))
+    return f"{getattr(module, 'gpd_role', 'branch')}:{name}", bool(custom(name, collection))
   if isinstance(module, nn.Conv) and module.feature_group_count != 1:
     return "depthwise", False
   if isinstance(module, (nn.Conv, nn.Dense)):
     return "linear", True
   if isinstance(module, (nn.BatchNorm, nn.LayerNorm)):
     return "norm", False
+  hint = ""
+  if isinstance(module, (nn.DenseGeneral, nn.MultiHeadDotProductAttention)):
+    hint = (" Multi-head attention needs the GPD head rule (r·h heads of the student's head width, "
+            "copy-major qkv, q and k multiplied by r): build it with gpd_jax.models.vit.Attention.")
   raise ValueError(
-      f"cannot derive the GPD rule for leaf '{collection}/.../{name}' owned by a "
-      f"{type(module).__name__}: give that layer a method gpd_rescale(self, name, collection) -> bool, "
-      "or pass an explicit spec=ExpansionSpec(...) (see docs/custom_models.md)")
+      f"cannot derive the GPD rule for leaf '{key}' owned by the {type(module).__name__} layer "
+      f"'{'/'.join(module.path) or '<root>'}': give that layer a method "
+      "gpd_rescale(self, name, collection) -> bool, or pass an explicit spec=ExpansionSpec(...) "
+      f"(see docs/custom_models.md).{hint}")
 
 
 @functools.lru_cache(maxsize=64)
@@ -193,7 +205,7 @@ def derive_spec(model: nn.Module, ratio: int, sample_shape: tuple[int, ...]) -> 
     module = modules[tuple(owner_path)]
     if isinstance(module, OrepaConv):
       branch_blocks["/".join(owner_path)] = module.depthwise
-    kind, rescales = _layer_rescales(module, name, collection)
+    kind, rescales = _layer_rescales(module, key)
     last = len(s_shape) - 1
     rescale = rescales and last in tiled
     if kind == "linear":
