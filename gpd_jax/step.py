@@ -1,9 +1,19 @@
 """The train and eval steps: pure functions of (state, batch, teacher variables), jitted by the caller.
 
-One train step (``docs/method.md`` §8.3): the static teacher's logits outside the gradient; inside the
-loss the DT forward (train-mode BN), the student read out of the DT's params by ``student_view`` and
-its forward with its own BN statistics, the objective; one gradient w.r.t. the DT params; optax
-update; EMA of the params and both BN collections.
+One train step, top to bottom (``docs/method.md`` §8.3 for GPD):
+
+1. the frozen teachers' logits, outside the gradient;
+2. inside the loss, every trained network's forward (train-mode BN): with GPD the DT, then the
+   student read out of the DT's params by ``student_view`` and run with its own BN statistics;
+3. one objective: the base loss of ``config.loss``/``config.gpd`` on ``student``/``dt``/``teacher``,
+   plus the named terms between networks of ``config.online.terms`` (their sources behind
+   ``stop_gradient``, so each network gets exactly the gradient of its own terms);
+4. one gradient w.r.t. every network's trainable params, then per network: optax update and EMA;
+5. SwitOKD: in expert mode the paused peer keeps its previous state.
+
+``teacher_variables`` is the static teacher's variables (or None); when the run has extra frozen
+teachers (``config.online.teachers``) it is ``{name: variables}`` over all of them, ``'teacher'``
+included when there is a static teacher.
 """
 from __future__ import annotations
 
@@ -11,30 +21,52 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gpd_jax import losses
-from gpd_jax.state import Task, TrainState
+from gpd_jax import losses, online_losses
+from gpd_jax.state import Network, NetworkState, Task, TrainState
 from gpd_jax.transforms import student_view
+
+
+def _apply_frozen(module, variables, images, train: bool):
+  if train:  # batch statistics, as the reference code did; the running-stat update is dropped
+    logits, _ = module.apply(variables, images, train=True, mutable=["batch_stats"])
+  else:
+    logits = module.apply(variables, images, train=False)
+  return jax.lax.stop_gradient(logits.astype(jnp.float32))
 
 
 def teacher_logits(task: Task, teacher_variables, images: jax.Array, *, train: bool = False):
   """The static teacher's float32 logits [B, K], never differentiated."""
-  if train:  # batch statistics, as the reference code did; the running-stat update is dropped
-    logits, _ = task.teacher.apply(teacher_variables, images, train=True, mutable=["batch_stats"])
-  else:
-    logits = task.teacher.apply(teacher_variables, images, train=False)
-  return jax.lax.stop_gradient(logits.astype(jnp.float32))
+  return _apply_frozen(task.teacher, teacher_variables, images, train)
 
 
-def forward(task: Task, params, consts, batch_stats, student_batch_stats, images, *, train: bool,
-            rngs=None):
-  """Logits of the trained network and of the student.
+def frozen_logits(task: Task, teacher_variables, images: jax.Array, *, train: bool):
+  """``{name: [B, K]}`` of every frozen teacher (``'teacher'`` and ``config.online.teachers``).
+
+  ``train``: use the config's ``train_mode`` (batch statistics) where it asks for it; eval-mode BN
+  otherwise.
+  """
+  by_name = teacher_variables if task.extra_teachers else {"teacher": teacher_variables}
+  logits = {}
+  if task.teacher is not None:
+    logits["teacher"] = teacher_logits(task, by_name["teacher"], images,
+                                       train=train and task.teacher_train_mode)
+  for extra in task.extra_teachers:
+    logits[extra.name] = _apply_frozen(extra.module, by_name[extra.name], images,
+                                       train and extra.train_mode)
+  return logits
+
+
+def forward_network(net: Network, params, consts, batch_stats, student_batch_stats, images, *,
+                    train: bool, rngs=None):
+  """Logits of one trained network and, with GPD, of its student view.
 
   ``rngs``: train-mode rng streams (``{'dropout': key}`` for drop-path). The DT and the student get
   the same key, so stochastic depth drops the same blocks in both (matched drop-path).
 
   Returns:
-    (logits, new_stats): ``logits['student']`` [B, K] always and ``logits['dt']`` with GPD;
-    ``new_stats = (batch_stats, student_batch_stats)`` updated in train mode (unchanged in eval).
+    (logits, new_stats): ``logits[net.name]`` [B, K] always (the student view with GPD) and
+    ``logits[net.dt_name]`` with GPD; ``new_stats = (batch_stats, student_batch_stats)`` updated in
+    train mode (unchanged in eval).
   """
   def apply(model, variables):
     if train:
@@ -44,50 +76,94 @@ def forward(task: Task, params, consts, batch_stats, student_batch_stats, images
     return model.apply(variables, images, train=False), variables["batch_stats"]
 
   model_params = {"params": params} if consts is None else {"params": params, "consts": consts}
-  main_logits, batch_stats = apply(task.model, {**model_params, "batch_stats": batch_stats})
-  if not task.gpd:
-    return {"student": main_logits}, (batch_stats, None)
-  view_model, view_params = student_view(task.model, model_params, spec=task.view_spec)
+  main_logits, batch_stats = apply(net.model, {**model_params, "batch_stats": batch_stats})
+  if not net.gpd:
+    return {net.name: main_logits}, (batch_stats, None)
+  view_model, view_params = student_view(net.model, model_params, spec=net.view_spec)
   student_logits, student_batch_stats = apply(
       view_model, {**view_params, "batch_stats": student_batch_stats})
-  return {"student": student_logits, "dt": main_logits}, (batch_stats, student_batch_stats)
+  return {net.name: student_logits, net.dt_name: main_logits}, (batch_stats, student_batch_stats)
+
+
+def forward(task: Task, params, consts, batch_stats, student_batch_stats, images, *, train: bool,
+            rngs=None):
+  """``forward_network`` of the main network: ``logits['student']`` and, with GPD, ``logits['dt']``."""
+  return forward_network(task.networks[0], params, consts, batch_stats, student_batch_stats, images,
+                         train=train, rngs=rngs)
+
+
+def _update_network(tx, ema_decay: float, net: NetworkState, grads, new_stats) -> NetworkState:
+  """One optax update of a network's params, its new BN statistics, and its EMA."""
+  batch_stats, student_batch_stats = new_stats
+  updates, opt_state = tx.update(grads, net.opt_state, net.params)
+  params = optax.apply_updates(net.params, updates)
+  ema = net.ema
+  if ema is not None:
+    current = {"params": params, "batch_stats": batch_stats,
+               "student_batch_stats": student_batch_stats}
+    ema = optax.incremental_update(current, ema, step_size=1.0 - ema_decay)
+  return net.replace(params=params, batch_stats=batch_stats,
+                     student_batch_stats=student_batch_stats, opt_state=opt_state, ema=ema)
 
 
 def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     ema_decay: float):
   """``train_step(state, batch, teacher_variables) -> (state, metrics)``.
 
-  ``batch``: ``{'image': [B, H, W, C], 'label': int [B]}``; ``teacher_variables``: None without a
-  static teacher. ``metrics``: the objective's terms plus ``lr``, ``grad_norm`` and ``finite``.
+  ``batch``: ``{'image': [B, H, W, C], 'label': int [B]}``; ``teacher_variables``: see the module
+  docstring. ``metrics``: the objective's terms plus ``lr``, ``grad_norm`` (the main network's),
+  ``grad_norm_<peer>``, ``finite`` and, with SwitOKD, ``switch_gap``, ``switch_threshold``,
+  ``switch_expert``.
   """
+  networks = task.networks
+
   def train_step(state: TrainState, batch, teacher_variables):
     images, labels = batch["image"], batch["label"]
-    # A per-step key (a function of the step, so resumed runs draw the same masks).
-    rngs = {"dropout": jax.random.fold_in(jax.random.key(task.dropout_seed), state.step)}
-    teacher = {}
-    if task.teacher is not None:
-      teacher["teacher"] = teacher_logits(task, teacher_variables, images,
-                                          train=task.teacher_train_mode)
+    # A per-step key (a function of the step, so resumed runs draw the same masks); peers fold in
+    # their index so that their drop-path masks differ from the main network's.
+    dropout_key = jax.random.fold_in(jax.random.key(task.dropout_seed), state.step)
+    frozen = frozen_logits(task, teacher_variables, images, train=True)
 
-    def loss_fn(params):
-      logits, new_stats = forward(task, params, state.consts, state.batch_stats,
-                                  state.student_batch_stats, images, train=True, rngs=rngs)
-      total, terms = task.objective({**logits, **teacher}, labels, step=state.step)
-      return total, (terms, new_stats)
+    def loss_fn(trained_params):
+      logits, new_stats = dict(frozen), {}
+      for i, net in enumerate(networks):
+        key = dropout_key if i == 0 else jax.random.fold_in(dropout_key, i)
+        net_state = state.network(net.name)
+        net_logits, new_stats[net.name] = forward_network(
+            net, trained_params[net.name], net_state.consts, net_state.batch_stats,
+            net_state.student_batch_stats, images, train=True, rngs={"dropout": key})
+        logits.update(net_logits)
+      base = {k: v for k, v in logits.items() if k in ("student", "dt", "teacher")}
+      total, terms = task.objective(base, labels, step=state.step)
+      if task.terms is not None:
+        online_total, online_terms = task.terms(logits, labels)
+        total = total + online_total
+        terms = {**terms, **online_terms, "total": total}
+      return total, (terms, new_stats, logits)
 
-    (total, (terms, (batch_stats, student_batch_stats))), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = state.ema
-    if ema is not None:
-      current = {"params": params, "batch_stats": batch_stats,
-                 "student_batch_stats": student_batch_stats}
-      ema = optax.incremental_update(current, ema, step_size=1.0 - ema_decay)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              student_batch_stats=student_batch_stats, opt_state=opt_state, ema=ema)
-    metrics = {**terms, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads),
+    trained_params = {net.name: state.network(net.name).params for net in networks}
+    (total, (terms, new_stats, logits)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(trained_params)
+
+    metrics = {**terms, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads["student"]),
                "finite": jnp.isfinite(total)}
+    new_state = state.replace(step=state.step + 1)
+    for net in networks:
+      old = state.network(net.name)
+      new = _update_network(tx, ema_decay, old, grads[net.name], new_stats[net.name])
+      if net.name != "student":
+        metrics[f"grad_norm_{net.name}"] = optax.tree.norm(grads[net.name])
+      if task.switch is not None and net.name == task.switch[1]:
+        # SwitOKD: the teacher pauses (keeps params, statistics, optimizer state and EMA) in expert
+        # mode, decided from this batch's logits before the update.
+        stats = online_losses.switch_statistics(logits[task.switch[0]], logits[net.name], labels)
+        new = jax.tree.map(lambda kept, moved: jnp.where(stats["expert"], kept, moved), old, new)
+        new_state = new_state.replace(switch={
+            "expert": stats["expert"],
+            "expert_steps": state.switch["expert_steps"] + stats["expert"].astype(jnp.int32)})
+        metrics.update(switch_gap=stats["gap"], switch_threshold=stats["threshold"],
+                       switch_expert=stats["expert"].astype(jnp.float32))
+      new_state = new_state.with_network(net.name, new)
     return new_state, metrics
 
   return train_step
@@ -97,8 +173,9 @@ def make_eval_step(task: Task):
   """``eval_step(state, batch, teacher_variables) -> sums`` over the real (mask 1) examples.
 
   ``sums``: ``count``; for the student (``S``), the DT (``D``, GPD only) and the teacher (``T``):
-  ``top1_*``, ``top5_*``, ``ce_*``; agreements ``agree_S_D`` and ``agree_S_T``; and, when the state
-  has an EMA, the same student/DT sums of the EMA weights with the suffix ``_ema``.
+  ``top1_*``, ``top5_*``, ``ce_*``; agreements ``agree_S_D`` and ``agree_S_T``; for each peer ``p``
+  the same sums under ``P_<p>`` (and ``P_<p>_dt`` for a GPD peer) and ``agree_S_P_<p>``; and, when
+  the state has an EMA, the same student/DT/peer sums of the EMA weights with the suffix ``_ema``.
   """
   def net_sums(logits, labels, mask, name):
     return losses.classification_sums(logits, labels, mask, f"_{name}")
@@ -111,7 +188,7 @@ def make_eval_step(task: Task):
     sums = {"count": jnp.sum(mask)}
     z_t = None
     if task.teacher is not None:
-      z_t = teacher_logits(task, teacher_variables, images)
+      z_t = frozen_logits(task, teacher_variables, images, train=False)["teacher"]
       sums.update(net_sums(z_t, labels, mask, "T"))
     sources = ["raw"] + (["ema"] if state.ema is not None else [])
     for source in sources:
@@ -125,6 +202,15 @@ def make_eval_step(task: Task):
         sums["agree_S_D" + suffix] = agree(logits["student"], logits["dt"], mask)
       if z_t is not None:
         sums["agree_S_T" + suffix] = agree(logits["student"], z_t, mask)
+      for peer in task.peers:
+        variables, student_batch_stats = state.network(peer.name).variables(source)
+        peer_logits, _ = forward_network(peer, variables["params"], variables.get("consts"),
+                                         variables["batch_stats"], student_batch_stats, images,
+                                         train=False)
+        sums.update(net_sums(peer_logits[peer.name], labels, mask, f"P_{peer.name}{suffix}"))
+        sums[f"agree_S_P_{peer.name}{suffix}"] = agree(logits["student"], peer_logits[peer.name], mask)
+        if peer.gpd:
+          sums.update(net_sums(peer_logits[peer.dt_name], labels, mask, f"P_{peer.dt_name}{suffix}"))
     return sums
 
   return eval_step

@@ -100,7 +100,8 @@ def _export_info(model_config, num_classes: int, sample_shape) -> dict:
 # Static teacher and pre-trained student.
 
 
-def load_teacher(config, workdir: str, num_classes: int, mesh):
+def load_teacher(config, workdir: str, num_classes: int, mesh, teacher_config=None,
+                 field: str = "config.teacher"):
   """``(module, variables)`` of the static teacher (replicated), or (None, None) without one.
 
   The module is built from the export's ``model.json``; it must be ``config.teacher.name``.
@@ -113,37 +114,41 @@ def load_teacher(config, workdir: str, num_classes: int, mesh):
   export and ``config.teacher.config`` names a config file (``path.py[:arg]``), that run is trained
   there first (and resumes if cut off). Relative paths (both fields) are taken relative to this
   run's ``workdir``.
+
+  ``teacher_config``/``field``: another frozen teacher's entry, read the same way from its export
+  (``config.online.teachers.<name>``), instead of ``config.teacher``.
   """
-  if not config.teacher.get("name"):
+  teacher = config.teacher if teacher_config is None else teacher_config
+  if not teacher.get("name"):
     return None, None
-  teacher_kwargs = model_kwargs(config.teacher.get("model", {}) or {}, field="config.teacher.model")
+  teacher_kwargs = model_kwargs(teacher.get("model", {}) or {}, field=f"{field}.model")
   dtype = teacher_kwargs["dtype"]
-  if config.teacher.get("checkpoint"):
+  if teacher_config is None and config.teacher.get("checkpoint"):
     return _load_torch_teacher(config, workdir, num_classes, mesh, teacher_kwargs)
-  teacher_dir = config.teacher.get("workdir") or ""
+  teacher_dir = teacher.get("workdir") or ""
   if not teacher_dir:
-    raise ValueError("config.teacher.workdir is empty: point it to a trained teacher's workdir or "
+    raise ValueError(f"{field}.workdir is empty: point it to a trained teacher's workdir or "
                      "export (e.g. a run of configs/imagenet_ce.py with model.name="
-                     f"{config.teacher.name!r})")
+                     f"{teacher.name!r})")
   teacher_dir = os.path.join(workdir, teacher_dir)
   try:
     checkpoint.resolve_export_dir(teacher_dir)
   except FileNotFoundError:
-    teacher_config = config.teacher.get("config") or ""
-    if not teacher_config:
+    run_config = teacher.get("config") or ""
+    if not run_config:
       raise FileNotFoundError(
-          f"config.teacher.workdir: no trained teacher at {teacher_dir!r}. Train one first, e.g. "
+          f"{field}.workdir: no trained teacher at {teacher_dir!r}. Train one first, e.g. "
           f"`python launch/train.py --config=<teacher config> --workdir={teacher_dir}`, or set "
-          "config.teacher.config to have it trained there automatically") from None
+          f"{field}.config to have it trained there automatically") from None
     if jax.process_index() == 0:
-      print(f"gpd_jax: no teacher at {teacher_dir}; training it first with {teacher_config}", flush=True)
-    train_and_evaluate(load_config_file(teacher_config), teacher_dir)
+      print(f"gpd_jax: no teacher at {teacher_dir}; training it first with {run_config}", flush=True)
+    train_and_evaluate(load_config_file(run_config), teacher_dir)
   module, variables, info = checkpoint.load_export(teacher_dir, mesh, dtype=dtype)
-  if info["name"] != config.teacher.name:
-    raise ValueError(f"config.teacher.name={config.teacher.name!r}, but the teacher at {teacher_dir!r} "
+  if info["name"] != teacher.name:
+    raise ValueError(f"{field}.name={teacher.name!r}, but the teacher at {teacher_dir!r} "
                      f"is a {info['name']!r}")
   if info["num_classes"] != num_classes:
-    raise ValueError(f"config.teacher: the teacher at {teacher_dir!r} has {info['num_classes']} classes "
+    raise ValueError(f"{field}: the teacher at {teacher_dir!r} has {info['num_classes']} classes "
                      f"but the dataset {config.dataset.name!r} has {num_classes}; the teacher "
                      "and the student must share the label space")
   return module, variables
@@ -183,6 +188,24 @@ def load_pretrained_student(config, workdir: str, task: Task, mesh):
                      f"{info['num_classes']} classes, but config.model.name={config.model.name!r} "
                      f"with {task.num_classes} classes")
   return variables
+
+
+def load_pretrained_peers(config, workdir: str, task: Task, mesh) -> dict:
+  """``{name: plain variables}`` of the peers whose ``config.online.peers.<name>.init`` names an
+  export (or a workdir holding one; relative to this run's workdir)."""
+  out = {}
+  for name, peer in ((config.get("online") or {}).get("peers") or {}).items():
+    if not peer.get("init"):
+      continue
+    field, path = f"config.online.peers.{name}.init", os.path.join(workdir, peer.init)
+    try:
+      _, out[name], info = checkpoint.load_export(path, mesh)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"{field}: {e}") from None
+    if info["name"] != peer.model.name or info["num_classes"] != task.num_classes:
+      raise ValueError(f"{field}: {path!r} holds a {info['name']!r} with {info['num_classes']} "
+                       f"classes, but the peer is a {peer.model.name!r} with {task.num_classes}")
+  return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,15 +311,24 @@ def setup(config, workdir: str, *, training: bool = True) -> Run:
 
   # Modules, teacher, optimizer.
   teacher, teacher_variables = load_teacher(config, workdir, info.num_classes, mesh)
+  extra_modules, extra_variables = {}, {}
+  for name, entry in ((config.get("online") or {}).get("teachers") or {}).items():
+    extra_modules[name], extra_variables[name] = load_teacher(
+        config, workdir, info.num_classes, mesh, entry, field=f"config.online.teachers.{name}")
+  if extra_variables:  # several frozen teachers: the steps take {name: variables}
+    teacher_variables = {**({"teacher": teacher_variables} if teacher else {}), **extra_variables}
   task = build_task(config, num_classes=info.num_classes, sample_shape=sample_shape,
-                    teacher=teacher, steps_per_epoch=steps_per_epoch)
+                    teacher=teacher, steps_per_epoch=steps_per_epoch, extra_teachers=extra_modules)
   schedule = optim.make_schedule(config.schedule, steps_per_epoch=steps_per_epoch,
                                  total_steps=total_steps)
   tx = optim.make_optimizer(config.optim, schedule)
 
   # State: restored into sharded abstract targets, or born sharded.
-  pretrained = load_pretrained_student(config, workdir, task, mesh) if training else None
-  init_fn = lambda rng, student: init_state(task, config, tx, rng, student)
+  pretrained = None  # (plain student, {peer: plain variables}) to start from
+  if training:
+    pretrained = (load_pretrained_student(config, workdir, task, mesh),
+                  load_pretrained_peers(config, workdir, task, mesh))
+  init_fn = lambda rng, start: init_state(task, config, tx, rng, *(start or (None, None)))
   # RBG keys: XLA:CPU compiles threefry-based initialisers of a whole network very slowly (a tiny
   # GPD init: ~60 s with threefry vs ~10 s with RBG); the init is deterministic either way.
   rng = jax.random.key(config.seed, impl="rbg")
@@ -606,12 +638,14 @@ def _export(config, task: Task, state: TrainState, workdir: str, sample_shape, n
   """CBR: the plain student exported from ``state``; returns ``{what: directory}``.
 
   ``sources``: ``((weights, directory name), ...)`` with weights 'raw' or 'ema'; default: the raw
-  weights to ``export/`` ('last') and, with EMA, the EMA weights to ``export_ema/`` ('ema').
+  weights to ``export/`` ('last') and, with EMA, the EMA weights to ``export_ema/`` ('ema'), and
+  each peer's likewise to ``export_<peer>/`` and ``export_ema_<peer>/``.
   """
+  written = {}
   if sources is None:
     sources = (("raw", "export"),) + ((("ema", "export_ema"),) if state.ema is not None else ())
+    written = _export_peers(config, task, state, workdir, sample_shape, num_classes)
   model_info = _export_info(config.model, num_classes, sample_shape)
-  written = {}
   for source, name in sources:
     variables, student_batch_stats = state.variables(source)
     if task.gpd:
@@ -623,6 +657,28 @@ def _export(config, task: Task, state: TrainState, workdir: str, sample_shape, n
     if jax.process_index() == 0:
       checkpoint.save_export(directory, plain, model_info)
     written[{"export": "last", "export_ema": "ema", "export_best": "best"}.get(name, name)] = directory
+  return written
+
+
+def _export_peers(config, task: Task, state: TrainState, workdir: str, sample_shape,
+                  num_classes) -> dict[str, str]:
+  """Each peer's plain network (its GPD view exported, for a GPD peer) from its raw weights to
+  ``export_<peer>/`` and, with EMA, its EMA weights to ``export_ema_<peer>/``."""
+  written = {}
+  for net in task.peers:
+    model_info = _export_info(config.online.peers[net.name].model, num_classes, sample_shape)
+    net_state = state.network(net.name)
+    for source in ["raw"] + (["ema"] if net_state.ema is not None else []):
+      variables, student_batch_stats = net_state.variables(source)
+      if net.gpd:
+        _, plain = export_student(net.model, variables, student_batch_stats, spec=net.view_spec)
+      else:
+        plain = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+      name = f"export_{net.name}" if source == "raw" else f"export_ema_{net.name}"
+      directory = os.path.join(workdir, name)
+      if jax.process_index() == 0:
+        checkpoint.save_export(directory, jax.device_get(plain), model_info)
+      written[name.removeprefix("export_")] = directory
   return written
 
 
