@@ -144,19 +144,30 @@ def test_switokd_expert_mode_pauses_the_teacher(monkeypatch, expert):
 
 
 def test_switokd_resume_reproduces_the_uninterrupted_run(tmp_path):
-  """Kill after step 2 of 6, resume: same losses, same switch counter and mode as one straight run."""
+  """Kill after step 2 of 6, resume: same losses, same switch counter and mode as one straight run.
+  The online teacher starts from a network trained briefly on the data, so that it pauses (expert
+  mode) at least once."""
+  pre = str(tmp_path / "pre")
+  c = tiny_config(gpd=False, teacher=False, steps=24)
+  c.schedule.base_lr = 0.1
+  train.train_and_evaluate(c, pre)
+  def config(steps):
+    c = online_config("switokd", steps=steps)
+    c.online.peers.online_teacher.init = pre
+    return c
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  train.train_and_evaluate(online_config("switokd", steps=6), straight)
-  train.train_and_evaluate(online_config("switokd", steps=2), resumed)
-  train.train_and_evaluate(online_config("switokd", steps=6), resumed)
+  train.train_and_evaluate(config(6), straight)
+  train.train_and_evaluate(config(2), resumed)
+  train.train_and_evaluate(config(6), resumed)
   a, b = train_losses(straight), train_losses(resumed)
   assert sorted(a) == sorted(b) == list(range(1, 7))
   np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=1e-6)
   expert = {w: [r["switch_expert"] for r in read_metrics(w, "train")] for w in (straight, resumed)}
   assert expert[straight] == expert[resumed]
+  assert sum(expert[straight]) >= 1
   states = []
   for w in (straight, resumed):
-    run = train.setup(online_config("switokd", steps=6), w, training=False)
+    run = train.setup(config(6), w, training=False)
     states.append(jax.device_get(run.state.switch))
     run.ckpt.close()
   assert int(states[0]["expert_steps"]) == int(states[1]["expert_steps"]) == int(sum(expert[straight]))
