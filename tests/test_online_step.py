@@ -213,3 +213,28 @@ def test_online_methods_run_end_to_end(tmp_path, method):
     t, b = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(v["params"])])
             for v in (teacher_vars, bridge_vars))
     assert np.linalg.norm(b - t) < 0.3 * np.linalg.norm(t)
+
+
+def test_teacher_assistant_chain_runs_as_consecutive_resumable_runs(tmp_path):
+  """TAKD (and born-again, the same mechanism): the student's teacher is an assistant whose own
+  teacher is trained first; each link is an ordinary workdir. Rerunning the chain trains nothing."""
+  header = "import sys\nsys.path.insert(0, %r)\nfrom test_train import tiny_config\n" % os.path.dirname(__file__)
+  teacher_config, assistant_config = tmp_path / "teacher_config.py", tmp_path / "assistant_config.py"
+  teacher_config.write_text(header + "def get_config(arg=None):\n"
+                            "  return tiny_config(gpd=False, teacher=False, steps=2)\n")
+  assistant_config.write_text(header + "def get_config(arg=None):\n"
+                              "  c = tiny_config(gpd=False, base='kd', steps=2)\n"
+                              f"  c.teacher.config = {str(teacher_config)!r}\n  return c\n")
+  c = tiny_config(gpd=False, base="kd", steps=2)
+  c.teacher.workdir = "assistant"
+  c.teacher.config = str(assistant_config)
+  workdir = str(tmp_path / "student")
+  train.train_and_evaluate(c, workdir)
+  for link in ("student/assistant/teacher", "student/assistant", "student"):
+    assert os.path.isfile(tmp_path / link / "export" / "model.json"), link
+  assert sorted(train_losses(os.path.join(workdir, "assistant"))) == [1, 2]
+  mtimes = {p: os.path.getmtime(p) for p in (os.path.join(workdir, "export", "model.json"),
+                                              os.path.join(workdir, "assistant", "export", "model.json"))}
+  final = train.train_and_evaluate(c, workdir)
+  assert final.get("already_finished")
+  assert all(os.path.getmtime(p) == t for p, t in mtimes.items())
