@@ -112,6 +112,7 @@ FIELDS: dict[str, Field] = {
     "teacher.config": Field("str"),
     "teacher.train_mode": Field("bool"),
     "teacher.model.dtype": Field("str", choices=tuple(DTYPES)),
+    "teacher.model.kwargs": Field("dict", hint="module overrides of the teacher, e.g. widths"),
     "init.student": Field("str"),
     "loss.base": Field("str", choices=objective.VALID_BASES),
     "loss.ce_weight": Field("float", 0),

@@ -516,3 +516,25 @@ def test_unsupported_attention_in_a_user_transformer():
   variables = model.init(jax.random.key(0), x)
   with pytest.raises(ValueError, match=r"DenseGeneral layer 'attn/(query|key|value)'.*gpd_jax\.models\.vit\.Attention"):
     transforms.expand(model, variables, ratio=2, rng=jax.random.key(0), sample_input=x)
+
+
+def test_rvt_with_orepa_branches():
+  """RVT's OREPA rule: with ``branches`` the conv-FFN depthwise convs under 700 channels become OREPA
+  blocks (with their bias). Pre-trained branch IR + channel IR preserves the function (float64), and
+  after a perturbation export (branches merged) equals the multi-branch view."""
+  model, variables = student("rvt", "float64")
+  x = input_batch("rvt", "float64")
+  with precision("float64"):
+    dt_model, dt_variables = transforms.expand(model, variables, ratio=2, rng=jax.random.key(0),
+                                               noise_std=0.0, branches=True, pretrained=True)
+    assert dt_model.branches and "v" in dt_variables["params"]["stage0_block0"]["mlp"]["dwconv"]
+    z_s = forward(model, False)(variables, x)[0]["head"]
+    assert max_abs_diff(forward(dt_model, False)(dt_variables, x)[0]["head"], z_s) <= TOL["float64"]
+    trained = {**dt_variables, "params": perturb(dt_variables["params"], 0.05, seed=9)}
+    plain_model, plain_variables = transforms.export_student(dt_model, trained, variables["batch_stats"])
+    assert plain_model == model
+    view_model, view_params = transforms.student_view(dt_model, params_only(trained))
+    z_view = forward(view_model, False)({**view_params, "batch_stats": variables["batch_stats"]}, x)[0]
+    z_plain = forward(plain_model, False)(plain_variables, x)[0]
+    assert max_abs_diff(z_plain["head"], z_view["head"]) <= TOL["float64"]
+    assert max_abs_diff(z_view["head"], z_s) > 1e-3

@@ -6,6 +6,8 @@
   (per-family name tables in :mod:`gpd_jax.interop.layouts`).
 * :func:`load_torch_variables`, :func:`load_torch_model`, :func:`save_torch`: the file-level
   helpers used by ``train.py`` (``teacher.checkpoint``, ``init.student``) and ``launch/convert.py``.
+* :func:`dt_to_torch`: a dynamic teacher (OREPA branches merged, BN scale wrappers folded) as a
+  plain ×r-wide PyTorch state_dict.
 
 Example (a torchvision teacher)::
 
