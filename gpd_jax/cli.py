@@ -46,11 +46,12 @@ def define_config_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
                     flag_values=flag_values)
 
 
-def _config_spec(argv: list[str]) -> str | None:
+def flag_value(argv: list[str], name: str) -> str | None:
+  """The value of ``--name=value`` or ``--name value`` in ``argv``, before absl parses it."""
   for i, arg in enumerate(argv[1:], start=1):
-    if arg.startswith("--config="):
-      return arg[len("--config="):]
-    if arg == "--config" and i + 1 < len(argv):
+    if arg.startswith(f"--{name}="):
+      return arg[len(name) + 3:]
+    if arg == f"--{name}" and i + 1 < len(argv):
       return argv[i + 1]
   return None
 
@@ -80,7 +81,7 @@ def _check_overrides(config, argv: list[str]) -> None:
 
 def parse(flag_values: flags.FlagValues, argv: list[str]) -> None:
   """Parses ``argv`` into ``flag_values``; raises UsageError or ConfigError with one clear line."""
-  spec = _config_spec(argv)
+  spec = flag_value(argv, "config")
   if spec:  # load it ourselves first: clear errors for a missing or broken file or a bad argument
     try:
       config = train.load_config_file(spec)

@@ -67,23 +67,6 @@ def run_identity(config, num_classes: int, steps_per_epoch: int, total_steps: in
   return validate.resume_identity(config, num_classes, steps_per_epoch, total_steps)
 
 
-def _check_config(config, num_devices: int, batch_shards: int) -> None:
-  if config.batch_size % batch_shards:
-    raise ValueError(f"config.batch_size={config.batch_size} (global) is not divisible by the "
-                     f"{batch_shards} devices on the batch axes of the mesh ({num_devices} devices in "
-                     "all); pick a multiple, or set config.mesh.shape")
-  eval_batch = config.get("eval_batch_size") or config.batch_size
-  if eval_batch % batch_shards:
-    raise ValueError(f"config.eval_batch_size={eval_batch} is not divisible by the {batch_shards} "
-                     "devices on the batch axes of the mesh; pick a multiple")
-  if not 0.0 <= config.ema_decay < 1.0:
-    raise ValueError(f"config.ema_decay must be in [0, 1) (0 = no EMA), got {config.ema_decay}")
-  has_teacher = bool(config.teacher.get("name"))
-  if config.loss.base != "ce" and not has_teacher:
-    raise ValueError(f"config.loss.base={config.loss.base!r} distils from a static teacher, but "
-                     "config.teacher.name is empty; name a teacher or use loss.base='ce'")
-
-
 def _sample_shape(config, info) -> tuple[int, int, int, int]:
   size = config.dataset.get("image_size") or info.image_shape[0]
   return (1, int(size), int(size), int(info.image_shape[-1]))
@@ -297,7 +280,6 @@ def setup(config, workdir: str, *, training: bool = True) -> Run:
   # Mesh and batch layout.
   mesh = sharding.make_mesh(config.mesh)
   batch_sharding = sharding.batch_sharding(mesh, config.mesh)
-  _check_config(config, jax.device_count(), sharding.num_batch_shards(mesh, config.mesh))
 
   # Data.
   info = data.get_dataset_info(config)

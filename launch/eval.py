@@ -22,19 +22,10 @@ from gpd_jax import cli
 from gpd_jax.train import CONFIG_FILE, evaluate_checkpoint, evaluate_export, load_saved_config
 
 
-def _flag_value(argv: list[str], name: str) -> str | None:
-  for i, arg in enumerate(argv[1:], start=1):
-    if arg.startswith(f"--{name}="):
-      return arg[len(name) + 3:]
-    if arg == f"--{name}" and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
-
-
 def _saved_run_dir(argv: list[str]) -> str | None:
   """The run directory whose config.json stands in for --config: --workdir itself, or the run
   an --export belongs to (the export's parent directory)."""
-  workdir, export = _flag_value(argv, "workdir"), _flag_value(argv, "export")
+  workdir, export = cli.flag_value(argv, "workdir"), cli.flag_value(argv, "export")
   candidates = [workdir] if workdir else []
   if export:
     export = os.path.abspath(export)
@@ -48,7 +39,7 @@ def _saved_run_dir(argv: list[str]) -> str | None:
 def main(argv: list[str]) -> int:
   """The launcher with its own flags: ``main(['eval.py', '--config=...', '--workdir=...'])``."""
   fv = flags.FlagValues()
-  saved = None if _flag_value(argv, "config") else _saved_run_dir(argv)
+  saved = None if cli.flag_value(argv, "config") else _saved_run_dir(argv)
   if saved:
     # The run's own config: overrides (--config.x=y) still apply; nothing is trained or written.
     config_flags.DEFINE_config_dict("config", load_saved_config(saved), "The run's config.json.",
