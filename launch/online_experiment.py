@@ -19,13 +19,15 @@ import time
 
 import numpy as np
 
+from gpd_jax import config_base
 from gpd_jax.metric_writer import read_metrics
 from gpd_jax.train import load_config_file, train_and_evaluate
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 ONLINE = os.path.join(CONFIG_DIR, "fashion_mnist_online.py")
 TEACHER = os.path.join(CONFIG_DIR, "fashion_mnist_teacher.py")
-METHODS = ("dml", "sokd", "switokd", "bdkd", "camkd", "takd", "born_again")
+METHODS = ("kd", "dml", "dml3", "dml_gpd", "sokd", "switokd", "bdkd", "camkd", "takd", "born_again")
+GPD = os.path.join(CONFIG_DIR, "fashion_mnist_gpd.py")
 
 
 def _shrink(c, epochs, num_train_examples, seed=None):
@@ -46,8 +48,13 @@ def _train_once(config, workdir, timings, name):
 
 def method_config(args, method, seed, root):
   """The config of one student run, its teachers pointed at the shared runs under ``root``."""
-  arg = "born_again=1" if method == "born_again" else method
-  c = _shrink(load_config_file(f"{ONLINE}:{arg}"), args.epochs, args.num_train_examples, seed)
+  if method == "kd":  # the KD baseline of fashion_experiment.py, against the same teacher
+    c = _shrink(load_config_file(GPD), args.epochs, args.num_train_examples, seed)
+    c.gpd.enabled = False
+    config_base.mdistiller_kd(c)
+  else:
+    arg = "born_again=1" if method == "born_again" else method
+    c = _shrink(load_config_file(f"{ONLINE}:{arg}"), args.epochs, args.num_train_examples, seed)
   if c.teacher.name:
     c.teacher.config = ""
     c.teacher.workdir = {"takd": os.path.join(root, "assistant"),
