@@ -8,9 +8,9 @@ warm-up epochs from 1e-6 to min 1e-5 over 300 + 10 cool-down epochs, label smoot
 no clipping, EMA 0.99996; GPD r = 2 (heads ×2, head width kept), SCE weight 3; DKD α 1 β 0.5 T 1.
 No OREPA branches: RVT's rule converts only 3×3 stride-1 convs under 700 channels, and RVT-Ti's
 conv-FFN depthwise convs have 768 and 1536, so the reference's ``--use_orepa`` changes nothing.
-Deviations from the reference: no RandAugment / mixup / cutmix / random erasing / repeated
-augmentation (not implemented here yet), LR updated per step rather than per epoch, and BN statistics
-over the global batch.
+Augmentation: RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8 / cutmix 1.0 (switch
+0.5), repeated augmentation ×3 (docs/method.md §9.4). Deviations from the reference: bilinear
+RandomResizedCrop, LR updated per step rather than per epoch, and BN statistics over the global batch.
 Expected (paper, best epoch of max(raw, EMA)): 80.14 % top-1 for DKD + GPD.
 """
 import os

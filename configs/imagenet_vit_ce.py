@@ -5,8 +5,8 @@
 The argument picks the model (default rvt_tiny; also deit_tiny, deit_small, rvt_small); add
 ``,runlocal`` for a synthetic smoke run. Recipe: ``config_base.vit_recipe`` (docs/method.md §9.4 without
 GPD); DeiT models use batch 1024 and drop-path 0.1, as DeiT's own recipe.
-Expected (RVT paper): RVT-Ti 78.4 %, RVT-S 81.7 % with the full augmentation, which this repository
-does not implement yet (no RandAugment, mixup/cutmix, random erasing).
+Expected (RVT paper): RVT-Ti 78.4 %, RVT-S 81.7 % with the full augmentation (RandAugment, random
+erasing, mixup/cutmix, repeated augmentation: all on here, docs/method.md §9.4).
 """
 from gpd_jax import config_base
 

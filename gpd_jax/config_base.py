@@ -140,6 +140,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.image_size = config_dict.placeholder(int)  # default: native size
   c.dataset.augment = "cifar"  # 'imagenet' | 'cifar' | 'none'
   c.dataset.crop_padding = 4
+  # The ViT data recipe (timm semantics; all off by default, on in vit_recipe):
+  c.dataset.rand_augment = ""  # timm string, e.g. 'rand-m9-mstd0.5-inc1'; '' = off
+  c.dataset.random_erase_prob = 0.0  # per-pixel N(0, 1) box in normalized space ('pixel' mode)
+  c.dataset.repeated_augmentations = 1  # > 1: each image this many times per batch, on different devices
+  c.dataset.mixup_alpha = 0.0  # batch-level, in the train step (gpd_jax/mixup.py); 0 and 0 = off
+  c.dataset.cutmix_alpha = 0.0
+  c.dataset.mixup_prob = 1.0  # probability that a batch is mixed at all
+  c.dataset.mixup_switch_prob = 0.5  # probability of CutMix when both alphas are > 0
   c.dataset.num_train_examples = config_dict.placeholder(int)  # cap (None = all)
   c.dataset.num_eval_examples = config_dict.placeholder(int)
   c.dataset.worker_count = 0
@@ -391,8 +399,11 @@ def vit_recipe(c, *, model, batch_size=2048, drop_path_rate=0.0):
 
   AdamW (wd 0.05, no decay on 1-D leaves and tokens), LR 5e-4 × batch/512, cosine with 5 warm-up
   epochs from 1e-6 down to 1e-5, 300 + 10 cool-down epochs, label smoothing 0.1, EMA 0.99996, no
-  gradient clipping, drop-path ``drop_path_rate``. Augmentation: RandomResizedCrop + flip only; the
-  reference's RandAugment, mixup/cutmix, random erasing and repeated augmentation are not implemented.
+  gradient clipping, drop-path ``drop_path_rate``. Augmentation (timm's DeiT/RVT values):
+  RandomResizedCrop + flip, RandAugment ``rand-m9-mstd0.5-inc1``, random erasing 0.25 (pixel mode),
+  mixup 0.8 / cutmix 1.0 (switch 0.5, every batch) with the label smoothing folded into the soft
+  targets, repeated augmentation ×3 (``docs/method.md`` §9.4). RandomResizedCrop is bilinear here
+  (the reference: bicubic).
   """
   imagenet_recipe(c, model=model)
   c.batch_size = batch_size
@@ -410,6 +421,13 @@ def vit_recipe(c, *, model, batch_size=2048, drop_path_rate=0.0):
   c.schedule.cooldown_epochs = 10.0
   c.loss.label_smoothing = 0.1
   c.ema_decay = 0.99996
+  c.dataset.rand_augment = "rand-m9-mstd0.5-inc1"
+  c.dataset.random_erase_prob = 0.25
+  c.dataset.repeated_augmentations = 3
+  c.dataset.mixup_alpha = 0.8
+  c.dataset.cutmix_alpha = 1.0
+  c.dataset.mixup_prob = 1.0
+  c.dataset.mixup_switch_prob = 0.5
   return c
 
 

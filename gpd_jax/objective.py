@@ -3,7 +3,7 @@
 ``make_objective(loss_config, gpd_config)`` reads every weight and hyperparameter from
 the config once, validates it, and returns a jittable
 
-    objective(logits, labels, *, step) -> (total, terms)
+    objective(logits, labels, *, step, targets=None) -> (total, terms)
 
 Semantics (docs/method.md §8.1, with ``w_ce = loss.ce_weight``, ``w_kd = loss.kd_weight``,
 ``w(step)`` the DKD warm-up factor, 1 for other bases):
@@ -19,6 +19,13 @@ GPD switches: ``gpd.train_dt_loss = False`` drops L_D (and its terms ``ce_D``/``
 
 KD is the base method ``loss.base`` in {'kd', 'dkd', 'dist'}; with ``'ce'`` there is
 no KD term and the static teacher's logits, if given, are ignored.
+
+Soft targets (mixup/cutmix, ``gpd_jax/mixup.py``): with ``targets`` [B, K] given, every CE term
+(``ce_S``, ``ce_D``) is the soft-target CE against them (label smoothing is already folded into
+them, so ``loss.label_smoothing`` is not applied again); KD, DIST and SCE only read logits; DKD's
+target class (the TCKD split and the class removed from NCKD) is ``argmax(targets)``, the dominant
+class of the mixed target, as GPD's RVT training code does. Accuracies stay on ``labels`` (the
+unmixed labels).
 """
 from __future__ import annotations
 
@@ -133,6 +140,8 @@ def make_objective(loss_config, gpd_config=None, *, steps_per_epoch: int | None 
       enabled, ``'teacher'`` (static teacher) required iff ``base != 'ce'``;
     - ``labels``: ``[B]`` integer labels; ``step``: int, may be traced (DKD warm-up
       factor ``min(step / warmup, 1)``, 1 without a warm-up);
+    - ``targets``: optional float ``[B, K]`` soft targets (rows sum to 1, e.g. mixup's);
+      see the module docstring for what each term then reads;
     - ``total``: scalar, the weighted loss to differentiate;
     - ``terms``: dict of scalars: unweighted batch means ``'ce_S'``, ``'kd_S'``,
       ``'sce_S'``, ``'ce_D'``, ``'kd_D'`` (only those in the objective), the weighted
@@ -167,7 +176,7 @@ def make_objective(loss_config, gpd_config=None, *, steps_per_epoch: int | None 
       return 1.0
     return jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)
 
-  def objective(logits, labels, *, step):
+  def objective(logits, labels, *, step, targets=None):
     if "student" not in logits:
       raise ValueError("`logits` must contain 'student'.")
     if gpd_on and "dt" not in logits:
@@ -184,11 +193,17 @@ def make_objective(loss_config, gpd_config=None, *, steps_per_epoch: int | None 
     kd_scale = kd_weight * warmup_factor(step)
     terms = {}
     mean = jnp.mean
+    if targets is None:
+      kd_labels = labels
+      ce = lambda z: losses.cross_entropy(z, labels, label_smoothing=label_smoothing)
+    else:
+      kd_labels = jnp.argmax(targets, axis=-1)
+      ce = lambda z: losses.soft_cross_entropy(z, targets)
 
-    terms["ce_S"] = mean(losses.cross_entropy(z_s, labels, label_smoothing=label_smoothing))
+    terms["ce_S"] = mean(ce(z_s))
     total = ce_weight * terms["ce_S"]
     if kd_fn is not None and student_uses_kd:
-      terms["kd_S"] = mean(kd_fn(z_s, z_t, labels))
+      terms["kd_S"] = mean(kd_fn(z_s, z_t, kd_labels))
       total = total + kd_scale * terms["kd_S"]
     terms["acc_S"] = mean(losses.top_k_correct(z_s, labels, 1))
 
@@ -197,11 +212,10 @@ def make_objective(loss_config, gpd_config=None, *, steps_per_epoch: int | None 
       terms["sce_S"] = mean(losses.gpd_sce(z_s, z_d, smoothing=sce_smoothing))
       total = total + sce_weight * terms["sce_S"]
       if train_dt_loss:
-        terms["ce_D"] = mean(
-            losses.cross_entropy(z_d, labels, label_smoothing=label_smoothing))
+        terms["ce_D"] = mean(ce(z_d))
         total = total + ce_weight * terms["ce_D"]
         if kd_fn is not None and dt_uses_kd:
-          terms["kd_D"] = mean(kd_fn(z_d, z_t, labels))
+          terms["kd_D"] = mean(kd_fn(z_d, z_t, kd_labels))
           total = total + kd_scale * terms["kd_D"]
       terms["acc_D"] = mean(losses.top_k_correct(z_d, labels, 1))
 

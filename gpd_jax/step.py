@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gpd_jax import losses, online_losses
+from gpd_jax import losses, mixup, online_losses
 from gpd_jax.state import Network, NetworkState, Task, TrainState
 from gpd_jax.transforms import student_view
 
@@ -107,11 +107,12 @@ def _update_network(tx, ema_decay: float, net: NetworkState, grads, new_stats) -
 
 
 def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    ema_decay: float):
+                    ema_decay: float, *, mix: mixup.MixupSpec | None = None):
   """``train_step(state, batch, teacher_variables) -> (state, metrics)``.
 
   ``batch``: ``{'image': [B, H, W, C], 'label': int [B]}``; ``teacher_variables``: see the module
-  docstring. ``metrics``: the objective's terms plus ``lr``, ``grad_norm`` (the main network's),
+  docstring. ``mix``: mixup/cutmix of the global batch (``gpd_jax/mixup.py``) before any forward,
+  from a key that is a function of the step; the objective then gets the soft targets. None: off. ``metrics``: the objective's terms plus ``lr``, ``grad_norm`` (the main network's),
   ``grad_norm_<peer>``, ``finite`` and, with SwitOKD, ``switch_gap``, ``switch_threshold``,
   ``switch_expert``.
   """
@@ -122,6 +123,10 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
     # A per-step key (a function of the step, so resumed runs draw the same masks); peers fold in
     # their index so that their drop-path masks differ from the main network's.
     dropout_key = jax.random.fold_in(jax.random.key(task.dropout_seed), state.step)
+    targets = None
+    if mix is not None:
+      images, targets, mix_info = mixup.mix_batch(
+          jax.random.fold_in(dropout_key, mixup.MIX_STREAM), images, labels, mix)
     frozen = frozen_logits(task, teacher_variables, images, train=True)
 
     def loss_fn(trained_params):
@@ -134,7 +139,10 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
             net_state.student_batch_stats, images, train=True, rngs={"dropout": key})
         logits.update(net_logits)
       base = {k: v for k, v in logits.items() if k in ("student", "dt", "teacher")}
-      total, terms = task.objective(base, labels, step=state.step)
+      if targets is None:  # the call the CNN recipes have always made
+        total, terms = task.objective(base, labels, step=state.step)
+      else:
+        total, terms = task.objective(base, labels, step=state.step, targets=targets)
       if task.terms is not None:
         online_total, online_terms = task.terms(logits, labels)
         total = total + online_total
@@ -147,6 +155,8 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
 
     metrics = {**terms, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads["student"]),
                "finite": jnp.isfinite(total)}
+    if mix is not None:
+      metrics.update(mix_lam=mix_info["lam"], mix_cutmix=mix_info["cutmix"].astype(jnp.float32))
     new_state = state.replace(step=state.step + 1)
     for net in networks:
       old = state.network(net.name)

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gpd_jax import checkpoint, data, interop, losses, optim, report, sharding, validate
+from gpd_jax import checkpoint, data, interop, losses, mixup, optim, report, sharding, validate
 from gpd_jax.metric_writer import MetricWriter
 from gpd_jax.progress import Progress
 from gpd_jax.state import Task, TrainState, build_task, init_state, model_kwargs
@@ -346,7 +346,8 @@ def _jit_steps(config, run: Run):
   replicated = NamedSharding(run.mesh, P())
   teacher_shardings = (None if run.teacher_variables is None else
                        jax.tree.map(lambda _: replicated, run.teacher_variables))
-  train_step = jax.jit(make_train_step(run.task, run.tx, run.schedule, config.ema_decay),
+  mix = mixup.mixup_spec(config, run.num_classes)
+  train_step = jax.jit(make_train_step(run.task, run.tx, run.schedule, config.ema_decay, mix=mix),
                        in_shardings=(run.state_shardings, run.batch_sharding, teacher_shardings),
                        out_shardings=(run.state_shardings, replicated), donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(run.task),

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from gpd_jax import checkpoint, data, interop, models, objective, optim, sharding
 from gpd_jax.data import pipeline as data_pipeline
+from gpd_jax.data import rand_augment as data_rand_augment
 from gpd_jax.state import DTYPES
 
 
@@ -85,6 +86,17 @@ def _model_name_problem(name: str) -> str | None:
   suggestion = f"; did you mean {close[0]!r}?" if close else ""
   return (f"unknown model name {name!r}{suggestion} Choose one of {models.available_names()}, or "
           "register your own (models.register, or a 'package.module:Callable' name)")
+
+
+def _rand_augment_problem(spec: str) -> str | None:
+  """'' or a timm RandAugment string that parses."""
+  if not spec:
+    return None
+  try:
+    data_rand_augment.parse_rand_augment(spec)
+  except ValueError as e:
+    return str(e).split(": ", 1)[-1]
+  return None
 
 
 _POSITIVE = dict(low=0, low_open=True)
@@ -175,6 +187,15 @@ FIELDS: dict[str, Field] = {
     "dataset.image_size": Field("int", 1, optional=True, hint="None = the native size"),
     "dataset.augment": Field("str", choices=("imagenet", "cifar", "none")),
     "dataset.crop_padding": Field("int", 0),
+    "dataset.rand_augment": Field("str", check=_rand_augment_problem,
+                                  hint="'' = off; DeiT/RVT: 'rand-m9-mstd0.5-inc1'"),
+    "dataset.random_erase_prob": Field("float", **_PROBABILITY, hint="0 = off; DeiT/RVT: 0.25"),
+    "dataset.repeated_augmentations": Field("int", 1, hint="1 = off; DeiT/RVT: 3"),
+    "dataset.mixup_alpha": Field("float", 0, hint="0 = no mixup; DeiT/RVT: 0.8"),
+    "dataset.cutmix_alpha": Field("float", 0, hint="0 = no cutmix; DeiT/RVT: 1.0"),
+    "dataset.mixup_prob": Field("float", **_PROBABILITY, hint="probability that a batch is mixed"),
+    "dataset.mixup_switch_prob": Field("float", **_PROBABILITY,
+                                       hint="probability of cutmix when both alphas are > 0"),
     "dataset.num_train_examples": Field("int", 1, optional=True, hint="None = all"),
     "dataset.num_eval_examples": Field("int", 1, optional=True, hint="None = all"),
     "dataset.worker_count": Field("int", 0),
@@ -313,9 +334,10 @@ def _cross_field_problems(config) -> list[str]:
   if base != "ce" and not teacher:
     problems.append(f"config.loss.base={base!r} distils from a static teacher, but config.teacher.name "
                     "is empty; name a teacher or use loss.base='ce'")
-  if teacher and not get("teacher", "workdir", ""):
+  if teacher and not get("teacher", "workdir", "") and not get("teacher", "checkpoint", ""):
     problems.append("config.teacher.workdir is empty: point it to a trained teacher's workdir or "
-                    f"export (e.g. a run of a *_ce.py config with model.name={teacher!r})")
+                    f"export (e.g. a run of a *_ce.py config with model.name={teacher!r}), or set "
+                    "config.teacher.checkpoint to a PyTorch weight file")
   mesh = config.get("mesh") or {}
   shape, axes = tuple(mesh.get("shape", (-1,))), tuple(mesh.get("axes", ("data",)))
   if len(shape) != len(axes):
@@ -330,6 +352,14 @@ def _cross_field_problems(config) -> list[str]:
     for key in ("image_shape", "num_classes"):
       if dataset.get(key) is None:
         problems.append(f"config.dataset.{key} is required for the synthetic dataset")
+  repeats = dataset.get("repeated_augmentations", 1) or 1
+  if repeats > config.get("batch_size", 0):
+    problems.append(f"config.dataset.repeated_augmentations={repeats} is above config.batch_size="
+                    f"{config.get('batch_size')}; each batch must hold at least one image per copy")
+  mixing = dataset.get("mixup_alpha", 0) or dataset.get("cutmix_alpha", 0)
+  if mixing and (get("online", "terms", ()) or get("online", "peers", {})):
+    problems.append("config.dataset.mixup_alpha/cutmix_alpha mix the batch into soft targets, which "
+                    "the online terms (config.online) do not read; turn mixing off for online runs")
   problems += _online_problems(config.get("online") or {})
   regex = get("optim", "no_decay_regex", "")
   if regex:

@@ -16,6 +16,11 @@ may be absent):
 - ``config.dataset.image_size``: output side S (optional, default: the native size).
 - ``config.dataset.augment``: 'imagenet' | 'cifar' | 'none' (optional, default 'none').
 - ``config.dataset.crop_padding``: padding of 'cifar' (optional, default 4).
+- ``config.dataset.rand_augment``: timm RandAugment string, e.g. 'rand-m9-mstd0.5-inc1'
+  (optional, default '' = off; ``gpd_jax/data/rand_augment.py``).
+- ``config.dataset.random_erase_prob``: random erasing in normalized space (optional, default 0).
+- ``config.dataset.repeated_augmentations``: R > 1 = repeated augmentation (optional, default 1;
+  see :class:`RepeatedAugmentation`).
 - ``config.dataset.num_train_examples``: cap, use the first N train examples (None = all).
 - ``config.dataset.num_eval_examples``: cap, use the first N examples of an eval split.
 - ``config.dataset.worker_count``: grain worker processes (optional, default 0 = in-process).
@@ -42,6 +47,7 @@ import grain
 import numpy as np
 
 from gpd_jax.data import preprocess
+from gpd_jax.data import rand_augment
 from gpd_jax.data import sources
 
 
@@ -161,6 +167,44 @@ def _to_iterator(ds: grain.MapDataset, config) -> grain.DatasetIterator:
 # Training.
 
 
+class RepeatedAugmentation(grain.MapDataset):
+  """DeiT's repeated augmentation: each batch holds ``ceil(batch / repeats)`` images ``repeats`` times.
+
+  With ``m = ceil(batch / R)``, position ``t`` of batch ``j`` (in an epoch of ``len(parent) //
+  batch`` batches) reads element ``j·m + t mod m`` of the parent, so the batch is copy-major: rows
+  ``[0, m)`` are the images, then the same images again (the last copy is cut short when R does not
+  divide the batch, as DeiT's sampler also lets a few images have fewer copies). The global batch is
+  split into contiguous per-device slices, so the copies of an image land on different devices
+  whenever a device holds at most m rows (at least R devices); the per-example augmentation, keyed
+  by the position, differs for each copy. An epoch has as many batches as without repetition and
+  visits about the first 1/R of the (reshuffled) parent. Indices past one epoch carry the epoch into
+  the parent, so its shuffle changes per epoch.
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, batch: int, repeats: int):
+    super().__init__(parent)
+    if not 1 <= repeats <= batch:
+      raise ValueError(f"config.dataset.repeated_augmentations={repeats} must be in [1, per-host "
+                       f"batch {batch}]")
+    self._parent_length = len(parent)
+    self._batch, self._distinct = batch, -(-batch // repeats)
+    self._length = (len(parent) // batch) * batch
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __str__(self) -> str:
+    return f"RepeatedAugmentation(batch={self._batch}, distinct={self._distinct})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, position = divmod(int(index), self._length)
+    batch_index, row = divmod(position, self._batch)
+    parent_index = batch_index * self._distinct + row % self._distinct
+    return self._parent[epoch * self._parent_length + parent_index]
+
+
 def train_dataset(config, *, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
   """The infinite training ``grain.MapDataset`` of this host (element = one per-host batch).
 
@@ -183,11 +227,23 @@ def train_dataset(config, *, process_index: int = 0, process_count: int = 1) -> 
                      f"({process_count} processes).")
   ds = grain.MapDataset.source(src).seed(seed).shuffle()
   ds = ds[:n - n % process_count][process_index::process_count]
-  augment = functools.partial(preprocess.train_example, augment=_get(d, "augment", "none"),
-                              image_size=_image_size(config, info),
-                              crop_padding=int(_get(d, "crop_padding", 4)))
+  repeats = int(_get(d, "repeated_augmentations", 1) or 1)
+  if repeats > 1:
+    ds = RepeatedAugmentation(ds, batch=per_host, repeats=repeats)
+  policy = _get(d, "rand_augment", "") or ""
+  erase_prob = float(_get(d, "random_erase_prob", 0.0) or 0.0)
+  mean = tuple(_get(d, "mean") or info.mean)
+  std = tuple(_get(d, "std") or info.std)
+  augment = functools.partial(
+      preprocess.train_example, augment=_get(d, "augment", "none"),
+      image_size=_image_size(config, info), crop_padding=int(_get(d, "crop_padding", 4)),
+      **({"rand_augment": rand_augment.parse_rand_augment(policy),
+          "fill": tuple(int(round(255 * m)) for m in mean)} if policy else {}),
+      **({"erase_prob": erase_prob, "mean": mean, "std": std} if erase_prob > 0 else {}))
   ds = ds.random_map(augment, seed=(seed + 0x9E3779B1 * (process_index + 1)) % 2**32)
   ds = ds.batch(per_host, drop_remainder=True).repeat()  # reshuffles each epoch
+  if erase_prob > 0:  # normalized per example, before the erasing
+    return ds
   return ds.map(_normalizer(config, info))
 
 

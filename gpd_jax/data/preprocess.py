@@ -22,6 +22,8 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from gpd_jax.data import rand_augment as rand_augment_lib
+
 AUGMENTATIONS = ("imagenet", "cifar", "none")
 EVAL_CROP_FRACTION = 0.875
 
@@ -122,8 +124,16 @@ def _image_label(record: dict) -> Tuple[np.ndarray, np.int32]:
 
 
 def train_example(record: dict, rng: np.random.Generator, *, augment: str, image_size: int,
-                  crop_padding: int = 4) -> dict:
-  """Augments one training record -> ``{'image': uint8 [S, S, C], 'label': int32 []}``."""
+                  crop_padding: int = 4, rand_augment=None, fill: Sequence[int] = (0, 0, 0),
+                  erase_prob: float = 0.0, mean: Sequence[float] = (), std: Sequence[float] = (),
+                  ) -> dict:
+  """Augments one training record -> ``{'image': uint8 [S, S, C], 'label': int32 []}``.
+
+  The ViT recipe's additions, after the crop and flip: ``rand_augment`` (a
+  :class:`rand_augment.RandAugmentPolicy`, geometric ops filling with ``fill``) and, with
+  ``erase_prob`` > 0, normalization with ``mean``/``std`` followed by random erasing, in which case
+  the image is float32 [S, S, C] and already normalized.
+  """
   image, label = _image_label(record)
   if augment == "imagenet":
     image = random_flip(random_resized_crop(image, image_size, rng), rng)
@@ -134,6 +144,11 @@ def train_example(record: dict, rng: np.random.Generator, *, augment: str, image
     image = resize(image, (image_size, image_size))
   else:
     raise ValueError(f"Unknown augment {augment!r}; expected one of {AUGMENTATIONS}.")
+  if rand_augment is not None:
+    image = rand_augment_lib.rand_augment(image, rand_augment, rng, fill=fill)
+  if erase_prob > 0:
+    image = normalize_batch({"image": image}, mean=mean, std=std)["image"]
+    image = rand_augment_lib.random_erase(image, erase_prob, rng)
   return {"image": np.ascontiguousarray(image), "label": label}
 
 
