@@ -38,6 +38,8 @@ convert = _load_convert_module()
 
 
 def image_size(name):
+  if name.startswith("deit"):
+    return 224  # the size the model is built for (its position embedding)
   return 64 if name in IMAGENET_MODELS else 32
 
 
@@ -486,3 +488,96 @@ def test_imagenet_gpd_with_a_torchvision_teacher_end_to_end(tmp_path):
   module, variables, _ = checkpoint.load_export(workdir)
   ours = module.apply(variables, eval_images, train=False)
   assert max_relative_logit_diff(ours, torch_logits(student.eval(), eval_images)) <= LOGIT_RTOL
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision transformers: timm's DeiT names and RVT's (GPD reference) names.
+
+# Small variants of each family (the full sizes are covered name by name above): a plain and a
+# distilled DeiT, and a two-stage RVT (pooling conv, conv-FFN with BatchNorm).
+VIT_CASES = {
+    "deit_tiny": dict(embed_dim=12, depth=2, num_heads=3, patch_size=4, image_size=16),
+    "deit_small": dict(embed_dim=16, depth=1, num_heads=2, patch_size=8, image_size=32, distilled=True),
+    "rvt_tiny": dict(base_dims=(4, 4), depths=(2, 1), heads=(2, 4)),
+    "rvt_small": dict(base_dims=(6,), depths=(2,), heads=(2,), patch_size=8),
+}
+
+
+def _torch_vit(name, num_classes, seed):
+  kwargs = dict(VIT_CASES[name])
+  size = kwargs.pop("image_size", 64)
+  reference = torch_model(name, num_classes, image_size=size, **kwargs)
+  return randomize(reference, seed=seed), size
+
+
+@pytest.mark.parametrize("name", sorted(VIT_CASES))
+def test_transformer_logits_match_pytorch_and_round_trip_is_bitwise(tmp_path, name):
+  """A random PyTorch DeiT / RVT with timm's / RVT's module names -> our model: the same logits
+  (float32 tolerance), and ours -> PyTorch is bitwise and loads strictly."""
+  reference, size = _torch_vit(name, 10, seed=4)
+  path = str(tmp_path / f"{name}.pth")
+  torch.save(reference.state_dict(), path)
+  kwargs = dict(VIT_CASES[name])
+  module, variables, info = interop.load_torch_model(
+      path, name, sample_shape=None if "image_size" in kwargs else (1, size, size, 3), **kwargs)
+  assert info["num_classes"] == 10 and info["input_shape"] == [1, size, size, 3]
+  x = images(3, size, seed=1)
+  want = torch_logits(reference, x)
+  got = module.apply(variables, x, train=False)
+  assert max_relative_logit_diff(got, want) <= LOGIT_RTOL
+  assert np.std(want) > 1e-3 * np.max(np.abs(want))
+  back = interop.to_torch(name, variables)
+  original = reference.state_dict()
+  assert set(back) == set(original)
+  for key, value in original.items():
+    if not key.endswith("num_batches_tracked"):
+      assert np.array_equal(back[key], value.numpy()), key
+  fresh = torch_model(name, 10, image_size=size, **{k: v for k, v in kwargs.items() if k != "image_size"})
+  fresh.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in back.items()}, strict=True)
+  assert np.array_equal(torch_logits(fresh.eval(), x), want)
+
+
+def test_transformer_names_and_errors():
+  """The qkv Linear maps as one tensor; tokens sit at the top level; a DeiT file read as an RVT, or
+  with another depth, is reported with the keys that differ and what the file looks like."""
+  module = models.create("deit_tiny", 10)
+  rules = interop.torch_rules("deit_tiny", interop.abstract_variables(module, (1, 224, 224, 3)))
+  assert rules["blocks.0.attn.qkv.weight"].torch_shape == (576, 192)
+  assert rules["cls_token"].path == ("params", "tokens", "cls_token")
+  assert rules["pos_embed"].torch_shape == (1, 197, 192)
+  state_dict = numpy_state_dict(torch_model("deit_tiny", 1000, image_size=224))
+  assert interop.guess_model(state_dict) == "deit_tiny"
+  assert interop.num_classes_of(state_dict, "deit_tiny") == 1000
+  abstract = interop.abstract_variables(models.create("rvt_tiny", 1000), (1, 224, 224, 3))
+  with pytest.raises(interop.StateDictMismatchError,
+                     match=r"not a 'rvt_tiny' state_dict as RVT's PoolingTransformer.*missing keys "
+                           r"\(patch_embed.proj.0.weight.*looks like a 'deit_tiny'"):
+    interop.from_torch("rvt_tiny", state_dict, abstract, source="t.pth")
+  shallow = models.create("deit_tiny", 1000, depth=11)
+  with pytest.raises(interop.StateDictMismatchError, match=r"unexpected keys \(blocks.11"):
+    interop.from_torch("deit_tiny", state_dict, interop.abstract_variables(shallow, (1, 224, 224, 3)),
+                       source="t.pth")
+
+
+def test_vit_teacher_checkpoint_trains(tmp_path):
+  """teacher.checkpoint = a PyTorch DeiT file: the run distils from it, and its eval accuracy is the
+  PyTorch network's on the same images."""
+  import test_vit_train
+  from gpd_jax import data
+  teacher_kwargs = dict(test_vit_train.TINY_VIT, embed_dim=12)
+  reference = randomize(torch_model("deit_tiny", 5, image_size=16,
+                                    **{k: v for k, v in teacher_kwargs.items() if k != "image_size"}),
+                        seed=9)
+  path = str(tmp_path / "deit_teacher.pth")
+  torch.save({"model": reference.state_dict()}, path)  # DeiT's release format: {'model': ...}
+  config = test_vit_train.tiny_vit_config(steps=2)
+  config.teacher.workdir = ""
+  config.teacher.checkpoint = path
+  config.teacher.model.kwargs = teacher_kwargs
+  final = train.train_and_evaluate(config, str(tmp_path / "run"))
+  batches = list(data.create_eval_iterator(config, "val"))
+  correct = sum(float(np.sum(b["mask"] * (np.argmax(torch_logits(reference, b["image"]), -1) == b["label"])))
+                for b in batches)
+  count = sum(float(np.sum(b["mask"])) for b in batches)
+  assert final["eval"]["val"]["top1_T"] == pytest.approx(100.0 * correct / count, abs=1e-6)
+  assert final["step"] == 2

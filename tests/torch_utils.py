@@ -154,17 +154,188 @@ class GpdMobileNet(nn.Module):
     return self.fc(self.model(x).flatten(1))
 
 
+# ----------------------------------------------------------------------------------------------
+# Vision transformers, written from the published definitions with their module names: timm's
+# VisionTransformer as DeiT uses it (timm/models/vision_transformer.py, deit.py) and RVT's
+# PoolingTransformer (GPD's RVT/robust_models.py). Eval mode only (no dropout / drop-path).
+
+
+class TimmAttention(nn.Module):
+  def __init__(self, dim, num_heads):
+    super().__init__()
+    self.num_heads = num_heads
+    self.qkv = nn.Linear(dim, dim * 3, bias=True)
+    self.proj = nn.Linear(dim, dim)
+
+  def forward(self, x):
+    b, n, c = x.shape
+    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = (q @ k.transpose(-2, -1)) * (c // self.num_heads) ** -0.5
+    return self.proj((attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class TimmMlp(nn.Module):
+  def __init__(self, dim, hidden):
+    super().__init__()
+    self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+  def forward(self, x):
+    return self.fc2(self.act(self.fc1(x)))
+
+
+class TimmBlock(nn.Module):
+  def __init__(self, dim, num_heads, mlp):
+    super().__init__()
+    self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+    self.attn = TimmAttention(dim, num_heads)
+    self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+    self.mlp = mlp
+
+  def forward(self, x):
+    x = x + self.attn(self.norm1(x))
+    return x + self.mlp(self.norm2(x))
+
+
+class TimmPatchEmbed(nn.Module):
+  def __init__(self, patch, dim):
+    super().__init__()
+    self.proj = nn.Conv2d(3, dim, patch, stride=patch)
+
+  def forward(self, x):
+    return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimmVisionTransformer(nn.Module):
+  """timm's ViT / DeiT: class token (+ distillation token), learned positions, pre-LN blocks."""
+
+  def __init__(self, num_classes, *, image_size=224, patch_size=16, embed_dim=192, depth=12,
+               num_heads=3, mlp_ratio=4.0, distilled=False):
+    super().__init__()
+    tokens = 2 if distilled else 1
+    self.distilled = distilled
+    self.patch_embed = TimmPatchEmbed(patch_size, embed_dim)
+    self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+    if distilled:
+      self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+    self.pos_embed = nn.Parameter(torch.zeros(1, (image_size // patch_size) ** 2 + tokens, embed_dim))
+    self.blocks = nn.ModuleList([TimmBlock(embed_dim, num_heads,
+                                           TimmMlp(embed_dim, int(embed_dim * mlp_ratio)))
+                                 for _ in range(depth)])
+    self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+    self.head = nn.Linear(embed_dim, num_classes)
+    if distilled:
+      self.head_dist = nn.Linear(embed_dim, num_classes)
+
+  def forward(self, x):
+    x = self.patch_embed(x)
+    lead = [self.cls_token] + ([self.dist_token] if self.distilled else [])
+    x = torch.cat([t.expand(x.shape[0], -1, -1) for t in lead] + [x], dim=1) + self.pos_embed
+    for block in self.blocks:
+      x = block(x)
+    x = self.norm(x)
+    if not self.distilled:
+      return self.head(x[:, 0])
+    return (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2  # DeiT's eval output
+
+
+class RvtConvMlp(nn.Module):
+  def __init__(self, dim, hidden):
+    super().__init__()
+    self.fc1, self.bn1 = nn.Conv2d(dim, hidden, 1), nn.BatchNorm2d(hidden)
+    self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+    self.bn2, self.act = nn.BatchNorm2d(hidden), nn.GELU()
+    self.fc2, self.bn3 = nn.Conv2d(hidden, dim, 1), nn.BatchNorm2d(dim)
+
+  def forward(self, x):
+    b, n, c = x.shape
+    side = int(n ** 0.5)
+    x = x.reshape(b, side, side, c).permute(0, 3, 1, 2)
+    x = self.act(self.bn1(self.fc1(x)))
+    x = self.act(self.bn2(self.dwconv(x)))
+    x = self.bn3(self.fc2(x))
+    return x.permute(0, 2, 3, 1).reshape(b, -1, c)
+
+
+class RvtTransformer(nn.Module):
+  def __init__(self, dim, depth, heads, mlp_ratio):
+    super().__init__()
+    self.blocks = nn.ModuleList([TimmBlock(dim, heads, RvtConvMlp(dim, int(dim * mlp_ratio)))
+                                 for _ in range(depth)])
+
+  def forward(self, x):
+    b, c, h, w = x.shape
+    x = x.flatten(2).transpose(1, 2)
+    for block in self.blocks:
+      x = block(x)
+    return x.transpose(1, 2).reshape(b, c, h, w)
+
+
+class RvtPooling(nn.Module):
+  def __init__(self, in_dim, out_dim):
+    super().__init__()
+    self.conv = nn.Conv2d(in_dim, out_dim, 3, padding=1, stride=2, groups=in_dim)
+
+  def forward(self, x):
+    return self.conv(x)
+
+
+class RvtEmbedding(nn.Module):
+  def __init__(self, out_dim, patch_size):
+    super().__init__()
+    k = patch_size // 4
+    self.proj = nn.Sequential(nn.Conv2d(3, 32, 7, stride=2, padding=2), nn.BatchNorm2d(32),
+                              nn.MaxPool2d(3, stride=2, padding=1), nn.Conv2d(32, out_dim, k, stride=k))
+
+  def forward(self, x):
+    return self.proj(x)
+
+
+class RvtPoolingTransformer(nn.Module):
+  """RVT: conv stem, per stage pre-LN blocks with a conv-FFN, grouped pooling convs, GAP, LN, head."""
+
+  def __init__(self, num_classes, *, base_dims=(32, 32), depths=(10, 2), heads=(6, 12),
+               mlp_ratio=4.0, patch_size=16):
+    super().__init__()
+    dims = [d * h for d, h in zip(base_dims, heads)]
+    self.patch_embed = RvtEmbedding(dims[0], patch_size)
+    self.transformers = nn.ModuleList([RvtTransformer(d, n, h, mlp_ratio)
+                                       for d, n, h in zip(dims, depths, heads)])
+    self.pools = nn.ModuleList([RvtPooling(dims[i], dims[i + 1]) for i in range(len(dims) - 1)])
+    self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+    self.head = nn.Linear(dims[-1], num_classes)
+
+  def forward(self, x):
+    x = self.patch_embed(x)
+    for stage, transformer in enumerate(self.transformers):
+      x = transformer(x)
+      if stage < len(self.pools):
+        x = self.pools[stage](x)
+    return self.head(self.norm(x.mean(dim=(2, 3))))
+
+
+VITS = {"deit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+        "deit_small": dict(embed_dim=384, depth=12, num_heads=6)}
+RVTS = {"rvt_tiny": dict(base_dims=(32, 32), depths=(10, 2), heads=(6, 12)),
+        "rvt_small": dict(base_dims=(64,), depths=(12,), heads=(6,))}
+
+
 CIFAR_RESNETS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet44": 44,
                  "resnet56": 56, "resnet110": 110}
 WRNS = {"wrn_16_1": (16, 1), "wrn_16_2": (16, 2), "wrn_40_1": (40, 1), "wrn_40_2": (40, 2)}
 
 
-def torch_model(name, num_classes, *, image_size=32, widths=None):
+def torch_model(name, num_classes, *, image_size=32, widths=None, **kwargs):
   """The PyTorch counterpart of ``gpd_jax.models.create(name, num_classes)``, in eval mode.
 
   ``widths``: CIFAR ResNets only, to build a narrow test variant (our ``widths`` kwarg).
+  ``kwargs``: the transformers' size overrides (our model kwargs: embed_dim, depth, ...).
   """
-  if name in ("resnet18", "resnet34", "resnet50"):
+  if name in VITS:
+    model = TimmVisionTransformer(num_classes, image_size=image_size, **{**VITS[name], **kwargs})
+  elif name in RVTS:
+    model = RvtPoolingTransformer(num_classes, **{**RVTS[name], **kwargs})
+  elif name in ("resnet18", "resnet34", "resnet50"):
     model = getattr(import_torchvision().models, name)(num_classes=num_classes)
   elif name == "mobilenet_v1":
     model = GpdMobileNet(num_classes, pool=image_size // 32)

@@ -32,7 +32,8 @@ from gpd_jax.interop.layouts import (LAYOUTS, MODEL_LAYOUTS, Layout, StateDictMi
 # Input shape recorded in model.json for a converted model, per layout (the weights do not depend
 # on it: every model ends in a global average pool).
 DEFAULT_INPUT_SHAPES = {"torchvision_resnet": (1, 224, 224, 3), "gpd_mobilenet_v1": (1, 224, 224, 3),
-                        "cifar_resnet": (1, 32, 32, 3), "wrn": (1, 32, 32, 3)}
+                        "cifar_resnet": (1, 32, 32, 3), "wrn": (1, 32, 32, 3),
+                        "timm_vit": (1, 224, 224, 3), "rvt": (1, 224, 224, 3)}
 
 
 def abstract_variables(module, sample_shape: Sequence[int]):
@@ -41,9 +42,11 @@ def abstract_variables(module, sample_shape: Sequence[int]):
                                             train=False))
 
 
-def num_classes_of(state_dict) -> int | None:
-  """The classifier's output size (rows of ``fc.weight``), if the state_dict has one."""
-  head = state_dict.get("fc.weight")
+def num_classes_of(state_dict, model_name: str | None = None) -> int | None:
+  """The classifier's output size (rows of ``fc.weight``, or of ``head.weight`` for the
+  transformers: the layout of ``model_name`` says which), if the state_dict has one."""
+  name = (layout_of(model_name).head if model_name else "fc") + ".weight"
+  head = state_dict.get(name)
   return None if head is None or np.ndim(head) != 2 else int(np.shape(head)[0])
 
 
@@ -78,14 +81,16 @@ def load_torch_model(path: str, model_name: str, *, num_classes: int | None = No
   ``num_classes`` defaults to the file's classifier size; ``sample_shape`` to the family's usual
   input (224² ImageNet, 32² CIFAR). ``model_info`` is what ``checkpoint.save_export`` records.
   """
-  layout_of(model_name)  # raises for a model without a PyTorch layout
+  layout = layout_of(model_name)  # raises for a model without a PyTorch layout
   source = f"{field}: {path}" if field else path
   state_dict = _read(path, key, field)
   if num_classes is None:
-    num_classes = num_classes_of(state_dict)
+    num_classes = num_classes_of(state_dict, model_name)
     if num_classes is None:
-      raise StateDictMismatchError(f"{source}: no classifier weight 'fc.weight' in the file; is it "
-                                   f"a {model_name!r} state_dict ({layout_of(model_name).description})?")
+      raise StateDictMismatchError(f"{source}: no classifier weight '{layout.head}.weight' in the "
+                                   f"file; is it a {model_name!r} state_dict ({layout.description})?")
+  if sample_shape is None and "image_size" in module_kwargs:  # a ViT built for another resolution
+    sample_shape = (1, module_kwargs["image_size"], module_kwargs["image_size"], 3)
   sample_shape = tuple(sample_shape or DEFAULT_INPUT_SHAPES[MODEL_LAYOUTS[model_name]])
   try:
     module = models.create(model_name, num_classes, **module_kwargs)

@@ -7,9 +7,15 @@ The two halves are mapped separately:
   name)`` rules; the first rule whose regex matches the whole path gives the torch name (a
   ``re`` template, or a function of the match where an index has to shift);
 * leaves (the same for every family): conv kernels HWIO <-> OIHW, dense kernels [in, out] <->
-  [out, in], BN ``scale``/``bias`` <-> ``weight``/``bias``, BN ``mean``/``var`` (our
-  ``batch_stats``) <-> ``running_mean``/``running_var``. BN's ``num_batches_tracked`` counter has
-  no counterpart: it is ignored when reading and written as 0 when exporting.
+  [out, in], BN / LayerNorm ``scale``/``bias`` <-> ``weight``/``bias``, BN ``mean``/``var`` (our
+  ``batch_stats``) <-> ``running_mean``/``running_var``, and the transformers' ``cls_token``,
+  ``dist_token`` and ``pos_embed`` as they are (their module maps to the model's top level). BN's
+  ``num_batches_tracked`` counter has no counterpart: it is ignored when reading and written as 0
+  when exporting.
+
+Transformers: timm packs the attention's q, k and v projections into one ``qkv`` Linear whose
+output is ``(3, heads, head_dim)``-major, exactly our ``qkv`` Dense of a plain (ratio 1) model, so
+no split or reordering is needed (a DT's copy-major qkv is never converted: its plain student is).
 
 The map is built from the variables of our module (their paths and shapes), so every expected
 PyTorch tensor, with its expected PyTorch shape, is known before a file is touched; a file that does
@@ -28,7 +34,7 @@ from flax import traverse_util
 
 NUM_BATCHES_TRACKED = "num_batches_tracked"
 MAX_LISTED = 5  # offending keys listed per kind in an error message
-HEAD_PREFIX = "fc."  # every family's classifier is named fc in PyTorch
+HEAD_PREFIX = "fc."  # the CNN families' classifier; the transformers' is 'head.' (Layout.head)
 
 
 class StateDictMismatchError(ValueError):
@@ -40,6 +46,8 @@ class Layout:
   """A PyTorch model definition: what it is, and how our module paths map onto its module names."""
   description: str
   modules: tuple[tuple[str, Union[str, Callable[[re.Match], str]]], ...]
+  head: str = "fc"  # the classifier's PyTorch module name
+  sample_size: int = 32  # an input side the whole family builds at (for shape-only tracing)
 
   def torch_module(self, our_module: str) -> str:
     for pattern, template in self.modules:
@@ -81,6 +89,29 @@ LAYOUTS = {
         (r"block(\d+)_pw_bn", lambda m: f"model.{int(m[1]) + 1}.4"),
         (r"fc", "fc"),
     )),
+    # timm's VisionTransformer / DeiT (timm/models/vision_transformer.py, deit.py): tokens and
+    # positions at the top level, blocks.<i>.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.
+    "timm_vit": Layout("timm's VisionTransformer / DeiT (deit_tiny_patch16_224, deit_small_patch16_224, "
+                       "their *_distilled_* variants)", (
+        (r"tokens", ""),
+        (r"patch_embed", "patch_embed.proj"),
+        (r"blocks_(\d+)/(norm1|norm2)", r"blocks.\1.\2"),
+        (r"blocks_(\d+)/(attn|mlp)/(qkv|proj|fc1|fc2)", r"blocks.\1.\2.\3"),
+        (r"norm|head|head_dist", r"\g<0>"),
+    ), head="head", sample_size=224),
+    # GPD's / RVT's robust_models.py PoolingTransformer (rvt_tiny, rvt_small): the conv stem is
+    # patch_embed.proj.{0 conv, 1 BN, 3 conv}, stage s block i is transformers.<s>.blocks.<i>, the
+    # conv-FFN keeps its names, the pooling conv between stages is pools.<s>.conv.
+    "rvt": Layout("RVT's PoolingTransformer (GPD's RVT/robust_models.py rvt_tiny / rvt_small)", (
+        (r"stem_conv", "patch_embed.proj.0"),
+        (r"stem_bn", "patch_embed.proj.1"),
+        (r"patch_proj", "patch_embed.proj.3"),
+        (r"stage(\d+)_block(\d+)/(norm1|norm2)", r"transformers.\1.blocks.\2.\3"),
+        (r"stage(\d+)_block(\d+)/(attn|mlp)/(qkv|proj|fc1|fc2|bn1|bn2|bn3|dwconv)",
+         r"transformers.\1.blocks.\2.\3.\4"),
+        (r"pool(\d+)", r"pools.\1.conv"),
+        (r"norm|head", r"\g<0>"),
+    ), head="head"),
 }
 
 MODEL_LAYOUTS = {
@@ -89,6 +120,8 @@ MODEL_LAYOUTS = {
     **{name: "cifar_resnet" for name in ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44",
                                          "resnet56", "resnet110", "resnet8x4", "resnet32x4")},
     **{name: "wrn" for name in ("wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2")},
+    "deit_tiny": "timm_vit", "deit_small": "timm_vit",
+    "rvt_tiny": "rvt", "rvt_small": "rvt",
 }
 
 # (collection, our leaf name, ndim) -> (torch leaf name, axes taking our array to PyTorch's layout).
@@ -99,6 +132,9 @@ LEAVES = {
     ("params", "scale", 1): ("weight", None),  # BN gamma
     ("batch_stats", "mean", 1): ("running_mean", None),
     ("batch_stats", "var", 1): ("running_var", None),
+    ("params", "cls_token", 3): ("cls_token", None),  # [1, 1, C]
+    ("params", "dist_token", 3): ("dist_token", None),
+    ("params", "pos_embed", 3): ("pos_embed", None),  # [1, tokens, C]
 }
 
 
@@ -139,7 +175,8 @@ def torch_rules(model_name: str, variables: Mapping) -> "collections.OrderedDict
           "OREPA branches converts with interop.dt_to_torch / launch/convert.py --dt, which merges "
           "them; or export its plain student)")
     torch_leaf, axes = LEAVES[key]
-    torch_name = f"{layout.torch_module('/'.join(module))}.{torch_leaf}"
+    torch_module = layout.torch_module("/".join(module))
+    torch_name = f"{torch_module}.{torch_leaf}" if torch_module else torch_leaf
     rules[torch_name] = TensorRule(tuple(path), axes, _torch_shape(leaf.shape, axes))
   return collections.OrderedDict(sorted(rules.items(), key=lambda item: _torch_order(item[0])))
 
@@ -150,7 +187,7 @@ _LEAF_ORDER = {"weight": 0, "bias": 1, "running_mean": 2, "running_var": 3}
 def _torch_order(torch_name: str):
   """Sort key close to a PyTorch state_dict's order: modules by name with numbers compared as
   numbers (layer1.2 before layer1.10), then weight, bias, running_mean, running_var."""
-  module, leaf = torch_name.rsplit(".", 1)
+  module, _, leaf = torch_name.rpartition(".")  # top-level tensors (cls_token) have no module
   parts = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[._]", module))
   return parts, _LEAF_ORDER.get(leaf, len(_LEAF_ORDER))
 
@@ -213,9 +250,10 @@ def check_state_dict(model_name: str, state_dict: Mapping[str, np.ndarray], abst
     parts.append(f"{len(non_float)} non-float tensors ({_listed(non_float)})")
   message = (f"{source}: not a {model_name!r} state_dict as {layout.description} defines it: "
              + "; ".join(parts) + ".")
-  head = HEAD_PREFIX + "weight"
+  head_prefix = layout.head + "."
+  head = head_prefix + "weight"
   if head in present and num_classes is not None and shapes and not missing and not unexpected and all(
-      s.startswith(HEAD_PREFIX) for s in shapes):
+      s.startswith(head_prefix) for s in shapes):
     file_classes = np.shape(state_dict[head])[0]
     message += (f" The file's classifier has {file_classes} classes but {num_classes} are expected "
                 "(the dataset's label space); a teacher or student must share it")
@@ -255,18 +293,25 @@ def _torch_signature(model_name: str) -> tuple[frozenset, frozenset]:
   import jax  # pylint: disable=import-outside-toplevel
   from gpd_jax import models  # pylint: disable=import-outside-toplevel
   module = models.create(model_name, 10)
-  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jax.numpy.zeros((1, 32, 32, 3)),
+  layout = layout_of(model_name)
+  size = layout.sample_size
+  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jax.numpy.zeros((1, size, size, 3)),
                                                 train=False))
   rules = torch_rules(model_name, abstract)
   return frozenset(rules), frozenset((k, r.torch_shape) for k, r in rules.items()
-                                     if not k.startswith(HEAD_PREFIX))
+                                     if not _is_head(k))
+
+
+def _is_head(torch_name: str) -> bool:
+  """A classifier tensor of any family (its size is the dataset's, not the architecture's)."""
+  return torch_name.startswith((HEAD_PREFIX, "head.", "head_dist."))
 
 
 def guess_model(state_dict: Mapping[str, np.ndarray]) -> str | None:
   """The model whose PyTorch names and shapes (classifier aside) match ``state_dict``, if any."""
   keys = frozenset(k for k in state_dict if not k.endswith("." + NUM_BATCHES_TRACKED))
   body = frozenset((k, tuple(np.shape(v))) for k, v in state_dict.items()
-                   if k in keys and not k.startswith(HEAD_PREFIX))
+                   if k in keys and not _is_head(k))
   for name in sorted(MODEL_LAYOUTS):
     if _torch_signature(name) == (keys, body):
       return name
