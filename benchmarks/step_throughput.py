@@ -48,6 +48,8 @@ def method_config(args, method):
   m = METHODS[method]
   c = config_base.base_config()
   c.model.name = args.student
+  if args.student_kwargs:
+    c.model.kwargs = {k: int(v) for k, v in (kv.split("=") for kv in args.student_kwargs.split(","))}
   c.model.dtype = args.dtype
   c.loss.base = m["base"]
   if m["gpd"]:
@@ -126,6 +128,8 @@ def bench(args, methods, batch, teacher, teacher_variables):
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--student", default="resnet8x4")
+  parser.add_argument("--student_kwargs", default="", help="integer module overrides of the student, "
+                      "e.g. patch_size=7,depth=3 (config.model.kwargs)")
   parser.add_argument("--teacher", default="resnet32x4")
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--image_size", type=int, default=32)

@@ -52,6 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--student", default=student.model.name, help=f"student model name (default: {student.model.name})")
   p.add_argument("--student_widths", default="", help="e.g. 8,8,16,32 for a narrower resnet8 "
                  "(config.model.kwargs.widths)")
+  p.add_argument("--student_kwargs", default="", help="module overrides of the student, e.g. "
+                 "patch_size=7,embed_dim=48,depth=3 for a smaller vit_fashion (config.model.kwargs)")
+  p.add_argument("--optimizer", default=student.optim.name, choices=("sgd", "adamw"),
+                 help=f"optimizer of every student run (default: the config's, {student.optim.name}); "
+                      "adamw decays only the ViT recipe's leaves (no biases, norms, tokens)")
+  p.add_argument("--base_lr", type=float, default=None,
+                 help=f"student peak LR (default: the config's, {student.schedule.base_lr:g})")
+  p.add_argument("--weight_decay", type=float, default=None,
+                 help=f"student weight decay (default: the config's, {student.optim.weight_decay:g})")
+  p.add_argument("--warmup_epochs", type=float, default=None,
+                 help=f"student linear LR warm-up (default: the config's, "
+                      f"{student.schedule.warmup_epochs:g})")
   p.add_argument("--num_train_examples", type=int, default=0,
                  help="cap on the 55k train images, for teacher and students (0: the config's)")
   p.add_argument("--ratio", type=int, default=student.gpd.ratio, help=f"GPD expansion ratio r (default: {student.gpd.ratio})")
@@ -63,6 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def parse_kwargs(text):
+  """``'patch_size=7,embed_dim=48'`` -> {'patch_size': 7, 'embed_dim': 48} (ints, floats or strings)."""
+  kwargs = {}
+  for item in text.split(","):
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"--student_kwargs: {item!r} is not key=value (e.g. patch_size=7,depth=3)")
+    for cast in (int, float, str):
+      try:
+        kwargs[key.strip()] = cast(value)
+        break
+      except ValueError:
+        continue
+  return kwargs
+
+
 def student_config(args, method, seed):
   """The config of one student run: configs/fashion_mnist_gpd.py with the method's changes."""
   c = _load(STUDENT_CONFIG, args.runlocal)
@@ -72,6 +100,18 @@ def student_config(args, method, seed):
   c.model.name = args.student
   if args.student_widths:
     c.model.kwargs = {"widths": tuple(int(w) for w in args.student_widths.split(","))}
+  if args.student_kwargs:
+    c.model.kwargs = parse_kwargs(args.student_kwargs)
+  if args.optimizer != c.optim.name:
+    c.optim.name = args.optimizer
+    if args.optimizer == "adamw":
+      c.optim.no_decay_regex = config_base.VIT_NO_DECAY_REGEX
+  if args.base_lr is not None:
+    c.schedule.base_lr = args.base_lr
+  if args.weight_decay is not None:
+    c.optim.weight_decay = args.weight_decay
+  if args.warmup_epochs is not None:
+    c.schedule.warmup_epochs = args.warmup_epochs
   if args.num_train_examples:
     c.dataset.num_train_examples = args.num_train_examples
   c.teacher.name = args.teacher
