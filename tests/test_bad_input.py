@@ -128,6 +128,10 @@ CASES = {
     "unknown_optimizer": ("train", ["--config={tiny}", "--workdir={new}", "--config.optim.name=adam"], r"config\.optim\.name.*'adam'.*choose one of"),
     "unknown_schedule": ("train", ["--config={tiny}", "--workdir={new}", "--config.schedule.name=linear"], r"config\.schedule\.name.*'linear'"),
     "unknown_loss": ("train", ["--config={tiny}", "--workdir={new}", "--config.loss.base=fitnet"], r"config\.loss\.base.*'fitnet'"),
+    # The ViT data recipe.
+    "rand_augment_typo": ("train", ["--config={tiny}", "--workdir={new}", "--config.dataset.rand_augment=rand-m9-msd0.5"], r"config\.dataset\.rand_augment.*'msd0\.5'.*m<float> \(magnitude\)"),
+    "mixup_prob_above_1": ("train", ["--config={tiny}", "--workdir={new}", "--config.dataset.mixup_prob=1.5"], r"config\.dataset\.mixup_prob=1\.5 must be >= 0 and <= 1"),
+    "repeats_above_batch": ("train", ["--config={tiny}", "--workdir={new}", "--config.dataset.repeated_augmentations=64"], r"config\.dataset\.repeated_augmentations=64 is above config\.batch_size"),
     "unknown_dtype": ("train", ["--config={tiny}", "--workdir={new}", "--config.model.dtype=float8"], r"config\.model\.dtype.*'float8'"),
     "bad_no_decay_regex": ("train", ["--config={tiny}", "--workdir={new}", "--config.optim.no_decay_regex=(bias"], r"config\.optim\.no_decay_regex.*not a regular expression"),
     # Fields that depend on each other, on the devices or on the data.

@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from gpd_jax import config_base
 from gpd_jax.objective import make_objective
 from gpd_jax.train import load_config_file
 
@@ -65,3 +66,23 @@ def test_each_method_changes_only_its_method(experiment, tmp_path):
   kd = experiment.student_config(args, "kd", seed=1)
   assert (kd.loss.ce_weight, kd.loss.kd_weight, kd.loss.kd.temperature) == (0.1, 0.9, 4.0)
   assert experiment.teacher_config(args).dataset.num_train_examples == 512
+
+
+def test_vit_student_flags(experiment, tmp_path):
+  """--student_kwargs / --optimizer / --base_lr / --weight_decay / --warmup_epochs change every
+  method's student alike (the ViT protocol), and a malformed --student_kwargs names the fix."""
+  args = experiment.build_parser().parse_args([
+      f"--root={tmp_path}", "--student=vit_fashion", "--student_kwargs=patch_size=7,embed_dim=48",
+      "--no_branches", "--optimizer=adamw", "--base_lr=1e-3", "--weight_decay=0.05",
+      "--warmup_epochs=0.5"])
+  for method in experiment.METHODS:
+    c = experiment.student_config(args, method, seed=0)
+    assert (c.model.name, dict(c.model.kwargs)) == ("vit_fashion", {"patch_size": 7, "embed_dim": 48})
+    assert (c.optim.name, c.optim.weight_decay, c.schedule.base_lr, c.schedule.warmup_epochs) == (
+        "adamw", 0.05, 1e-3, 0.5)
+    assert c.optim.no_decay_regex == config_base.VIT_NO_DECAY_REGEX and not c.gpd.branches
+  default = experiment.student_config(experiment.build_parser().parse_args([f"--root={tmp_path}"]),
+                                      "dkd", seed=0)
+  assert (default.optim.name, default.optim.no_decay_regex) == ("sgd", "")
+  with pytest.raises(ValueError, match=r"--student_kwargs: 'patch_size' is not key=value"):
+    experiment.parse_kwargs("patch_size")
