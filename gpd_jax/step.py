@@ -112,9 +112,10 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
 
   ``batch``: ``{'image': [B, H, W, C], 'label': int [B]}``; ``teacher_variables``: see the module
   docstring. ``mix``: mixup/cutmix of the global batch (``gpd_jax/mixup.py``) before any forward,
-  from a key that is a function of the step; the objective then gets the soft targets. None: off. ``metrics``: the objective's terms plus ``lr``, ``grad_norm`` (the main network's),
-  ``grad_norm_<peer>``, ``finite`` and, with SwitOKD, ``switch_gap``, ``switch_threshold``,
-  ``switch_expert``.
+  from a key that is a function of the step; the objective then gets the soft targets. None: off.
+  ``metrics``: the objective's terms plus ``lr``, ``grad_norm`` (the main network's),
+  ``grad_norm_<peer>``, ``finite``, with mixing ``mix_lam`` and ``mix_cutmix`` (1.0 = CutMix), and,
+  with SwitOKD, ``switch_gap``, ``switch_threshold``, ``switch_expert``.
   """
   networks = task.networks
 
