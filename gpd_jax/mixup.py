@@ -8,8 +8,8 @@ uninterrupted one):
   ``switch_prob``, else Mixup; with only one of them > 0, that one;
 * Mixup: λ ~ Beta(mixup_alpha, mixup_alpha), ``x ← λ·x + (1 − λ)·flip(x)`` (flip = the batch in
   reverse order, every example paired with its mirror);
-* CutMix: λ ~ Beta(cutmix_alpha, cutmix_alpha), a box of ``int(H·√(1−λ)) × int(W·√(1−λ))`` centred
-  at a uniform pixel and clipped to the image gets the mirror example's pixels, and λ is corrected
+* CutMix: λ ~ Beta(cutmix_alpha, cutmix_alpha), a box of ``int(H·√(1−λ)) × int(W·√(1−λ))``
+  centred at a uniform pixel and clipped to the image gets the mirror example's pixels, and λ is corrected
   to the share of the image outside the clipped box;
 * targets: ``λ·smooth(onehot(y)) + (1 − λ)·smooth(onehot(flip(y)))`` with ``smooth(t) = (1 − ε)·t +
   ε/K`` (label smoothing folded into the soft targets, as timm does).

@@ -85,7 +85,8 @@ def test_cutmix_lambda_is_the_area_share_outside_the_box():
 def test_cutmix_box_size_follows_lambda():
   for lam in (0.1, 0.36, 0.75, 0.99):
     for i in range(10):
-      top, bottom, left, right = (int(v) for v in mixup.cutmix_box(jax.random.key(i), jnp.float32(lam), 40, 30))
+      box = mixup.cutmix_box(jax.random.key(i), jnp.float32(lam), 40, 30)
+      top, bottom, left, right = (int(v) for v in box)
       ratio = np.sqrt(np.float32(1) - np.float32(lam))  # float32, as in the step
       cut_h, cut_w = int(np.float32(40) * ratio), int(np.float32(30) * ratio)
       assert 0 <= top <= bottom <= 40 and 0 <= left <= right <= 30
