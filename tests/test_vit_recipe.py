@@ -4,7 +4,6 @@ random erasing and repeated augmentation (in the grain pipeline), and the recipe
 Each op is checked against an independent NumPy computation or an exact property; the pipeline is
 checked for determinism and resume, and a tiny DeiT trains with the whole recipe and resumes exactly.
 """
-import math
 import os
 
 import jax
