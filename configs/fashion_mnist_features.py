@@ -2,7 +2,7 @@
 
     python launch/train.py --config=configs/fashion_mnist_features.py:reviewkd_gpd --workdir=runs/fm_rkd_gpd
 
-The argument names the method (one of them), optionally ``gpd`` (GPD on top of any of them) and
+The argument names the method (one of them; default ``reviewkd_gpd``), optionally ``gpd`` (GPD on top of any of them) and
 ``runlocal``:
 
 * ``reviewkd``: CE + 1 · HCL(ABF(student levels), teacher levels), pre-ReLU levels, no warm-up: GPD's
@@ -28,9 +28,9 @@ METHODS = ("reviewkd", "reviewkd_gpd", "sp", "fitnet", "crd")
 
 def get_config(arg=None):
   flags = config_base.parse_arg(arg, allowed=("runlocal", "gpd", *METHODS))
-  methods = [m for m in METHODS if m in flags]
+  methods = [m for m in METHODS if m in flags] or ["reviewkd_gpd"]
   if len(methods) != 1:
-    raise ValueError(f"config argument {arg!r}: name exactly one method of {METHODS} (e.g. "
+    raise ValueError(f"config argument {arg!r}: name one method of {METHODS} (e.g. "
                      "--config=configs/fashion_mnist_features.py:reviewkd_gpd,runlocal)")
   method = methods[0]
   c = config_base.fashion_mnist_recipe(config_base.base_config(), num_epochs=5)
