@@ -142,8 +142,9 @@ def main(argv=None):
   for method, seed in order:
     workdir = os.path.join(args.root, f"{method}_seed{seed}")
     t = time.time()
-    train_and_evaluate(student_config(args, method, seed), workdir)
-    timings[f"{method}_seed{seed}"] = time.time() - t
+    final = train_and_evaluate(student_config(args, method, seed), workdir)
+    if not final.get("already_finished"):  # keep the wall time of the run that trained it
+      timings[f"{method}_seed{seed}"] = time.time() - t
     runs.setdefault(method, []).append({"seed": seed, **summarize(workdir)})
     # Written after every run, so an interrupted protocol still leaves the finished runs' numbers.
     table = write_summary(args, runs, timings)
