@@ -1,4 +1,5 @@
-"""Throughput of the jitted train step: CE, KD, DKD and DKD+GPD (r=2, with and without branches).
+"""Throughput of the jitted train step: CE, KD, DKD, DKD+GPD (r=2, with and without branches), and the
+feature methods ReviewKD, ReviewKD+GPD, SP, FitNets, CRD.
 
     python benchmarks/step_throughput.py --student=resnet8x4 --teacher=resnet32x4 --batch=64 \
         --image_size=32 --num_classes=100 --dtype=float32 --out=benchmarks/results/cpu_cifar.json
@@ -7,7 +8,10 @@ For each method: ms/step and img/s of the real train step (``gpd_jax.step.make_t
 forward, DT + student-view forward/backward, optax update, EMA) on one fixed device batch, timed over
 ``--rounds`` round-robin rounds of ``--steps`` steps, all methods side by side in one process; the
 step's FLOPs from XLA's cost analysis; and MFU when the device's peak is known. Prints the GPD/DKD
-time ratio next to the FLOP ratio, and the with-/without-branches ratio.
+and ReviewKD+GPD/ReviewKD time ratios next to their FLOP ratios, and the with-/without-branches ratio.
+
+    python benchmarks/step_throughput.py --student=resnet18 --teacher=resnet34 --batch=16 \
+        --image_size=64 --num_classes=1000 --methods=reviewkd,reviewkd_gpd
 """
 import argparse
 import json
@@ -41,7 +45,16 @@ METHODS = {
     # The same step with every OREPA kernel merged (the reference code's forward), for the
     # effect of the per-layer path choice.
     "dkd_gpd_branches_merge": dict(base="dkd", teacher=True, gpd=True, branches=True, path="merge"),
+    # Feature distillation (gpd_jax/feature_kd.py), CE as the logit loss. ReviewKD + GPD as the paper
+    # runs it: OREPA branches, one ABF stack for the student and one for the DT.
+    "reviewkd": dict(base="ce", teacher=True, gpd=False, branches=False, features="reviewkd"),
+    "reviewkd_gpd": dict(base="ce", teacher=True, gpd=True, branches=True, features="reviewkd"),
+    "sp": dict(base="ce", teacher=True, gpd=False, branches=False, features="sp"),
+    "fitnet": dict(base="ce", teacher=True, gpd=False, branches=False, features="fitnet"),
+    "crd": dict(base="ce", teacher=True, gpd=False, branches=False, features="crd"),
 }
+# CRD's memory bank size in the benchmark (its cost does not depend on N beyond the gathers).
+CRD_NUM_DATA = 1024
 
 
 def method_config(args, method):
@@ -57,6 +70,9 @@ def method_config(args, method):
   c.optim.clip_norm = 5.0
   c.ema_decay = 0.9999 if m["gpd"] else 0.0
   c.schedule.name = "constant"
+  if m.get("features"):
+    c.features.method = m["features"]
+    c.features.crd.num_negatives = args.crd_negatives
   return c, m
 
 
@@ -72,8 +88,11 @@ def compile_method(args, method, batch, teacher, teacher_variables):
   """(run, info): ``run(n)`` times n steps and returns seconds per step; info has FLOPs, compile s."""
   config, m = method_config(args, method)
   shape = (1, args.image_size, args.image_size, args.channels)
+  labels = None
+  if m.get("features") == "crd":  # a labelled "training set" for the memory bank and the negatives
+    labels = np.arange(CRD_NUM_DATA) % args.num_classes
   task = build_task(config, num_classes=args.num_classes, sample_shape=shape,
-                    teacher=teacher if m["teacher"] else None)
+                    teacher=teacher if m["teacher"] else None, train_labels=labels)
   schedule = optim.make_schedule(config.schedule, steps_per_epoch=1, total_steps=1)
   tx = optim.make_optimizer(config.optim, schedule)
   holder = {"state": jax.jit(lambda r: init_state(task, config, tx, r))(jax.random.key(0, impl="rbg"))}
@@ -143,6 +162,7 @@ def main():
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--branch_path", default="auto", choices=("auto", "merge", "run"),
                       help="OREPA forward: per-layer choice, always merge, or always run")
+  parser.add_argument("--crd_negatives", type=int, default=16384, help="CRD's K")
   parser.add_argument("--out", default="")
   args = parser.parse_args()
   methods = args.methods.split(",")
@@ -153,7 +173,8 @@ def main():
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.normal(size=(args.batch, args.image_size, args.image_size,
                                                  args.channels)), jnp.float32),
-           "label": jnp.asarray(rng.integers(0, args.num_classes, args.batch), jnp.int32)}
+           "label": jnp.asarray(rng.integers(0, args.num_classes, args.batch), jnp.int32),
+           "index": jnp.arange(args.batch, dtype=jnp.int32)}  # CRD's dataset indices
   teacher = models.create(args.teacher, args.num_classes, dtype=DTYPES[args.dtype])
   teacher_variables = jax.jit(lambda r: teacher.init(r, batch["image"][:1], train=False))(
       jax.random.key(1, impl="rbg"))
@@ -172,10 +193,10 @@ def main():
           f"{r['tflop_per_s']:>10.3f}{mfu:>8}{r['compile_s']:>11.1f}", flush=True)
   by = {r["method"]: r for r in results}
   ratios = {}
-  for gpd in ("dkd_gpd", "dkd_gpd_branches"):
-    if gpd in by and "dkd" in by:
-      ratios[f"{gpd}/dkd"] = {"time": by[gpd]["ms_per_step"] / by["dkd"]["ms_per_step"],
-                              "flops": by[gpd]["gflop_per_step"] / by["dkd"]["gflop_per_step"]}
+  for gpd, base in (("dkd_gpd", "dkd"), ("dkd_gpd_branches", "dkd"), ("reviewkd_gpd", "reviewkd")):
+    if gpd in by and base in by:
+      ratios[f"{gpd}/{base}"] = {"time": by[gpd]["ms_per_step"] / by[base]["ms_per_step"],
+                                 "flops": by[gpd]["gflop_per_step"] / by[base]["gflop_per_step"]}
   for branched in ("dkd_gpd_branches", "dkd_gpd_branches_merge"):
     if "dkd_gpd" in by and branched in by:
       ratios[f"{branched}/dkd_gpd"] = {

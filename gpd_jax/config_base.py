@@ -103,6 +103,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.online.switch.teacher = ""  # '' = off; else the peer that pauses
   c.online.switch.student = "student"
 
+  # Feature distillation from the static teacher (gpd_jax/feature_kd.py, docs/feature_kd.md): the
+  # student (and with GPD the DT, each with its own connector) matches the teacher's feature taps.
+  c.features = ml_collections.ConfigDict()
+  c.features.method = ""  # '' = off | 'reviewkd' | 'sp' | 'fitnet' | 'crd'
+  c.features.weight = 1.0  # the term's weight (recipes: ReviewKD 1, SP 3000, FitNets 100, CRD 0.8)
+  c.features.warmup_epochs = 0.0  # linear ramp of the weight over these epochs (0 = none)
+  c.features.reviewkd = ml_collections.ConfigDict(
+      {"mid_features": 0,  # the ABFs' inner width; 0 = min(512, the student's deepest width)
+       "student_preact": True,  # student levels before their last ReLU (False: mdistiller's CIFAR)
+       "pool_sizes": (4, 2, 1)})  # HCL's pyramid
+  c.features.sp = ml_collections.ConfigDict({"groups": 1})  # split the batch into groups (per-GPU SP)
+  c.features.fitnet = ml_collections.ConfigDict({"hint_layer": 2})  # index in [stem, stage_1, ...]
+  c.features.crd = ml_collections.ConfigDict(
+      {"feature_dim": 128, "num_negatives": 16384, "temperature": 0.07, "momentum": 0.5})
+
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"  # 'sgd' | 'adamw'
   c.optim.momentum = 0.9
@@ -193,6 +208,7 @@ def shrink_for_local_run(c, *, num_train_examples=1024, num_eval_examples=256, b
   """
   share = float(num_epochs) / float(c.num_epochs) if c.num_epochs else 1.0
   c.loss.dkd.warmup_epochs = c.loss.dkd.warmup_epochs * share
+  c.features.warmup_epochs = c.features.warmup_epochs * share
   c.schedule.warmup_epochs = c.schedule.warmup_epochs * share
   c.batch_size = batch_size
   c.eval_batch_size = 128
@@ -319,7 +335,19 @@ def dkd(c, *, alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=0.0):
   return c
 
 
-CIFAR100_METHODS = ("ce", "kd", "dkd", "dkd_gpd")
+def reviewkd(c, *, weight=1.0, warmup_epochs=0.0, student_preact=True, mid_features=0):
+  """ReviewKD as the feature term (docs/feature_kd.md): CE + weight · HCL(ABF(student levels), teacher
+  levels), the weight ramped linearly over ``warmup_epochs``. ``mid_features`` 0 = min(512, the
+  student's deepest width)."""
+  c.features.method = "reviewkd"
+  c.features.weight = float(weight)
+  c.features.warmup_epochs = float(warmup_epochs)
+  c.features.reviewkd.student_preact = bool(student_preact)
+  c.features.reviewkd.mid_features = int(mid_features)
+  return c
+
+
+CIFAR100_METHODS = ("ce", "kd", "dkd", "dkd_gpd", "reviewkd", "reviewkd_gpd")
 
 
 def cifar100_config(arg, *, method, config_dir):
@@ -329,7 +357,9 @@ def cifar100_config(arg, *, method, config_dir):
     arg: the config argument: ``runlocal`` and/or a model name (the student; for ``ce`` the model
       trained, e.g. ``:resnet32x4`` for the teacher).
     method: ``'ce'`` (plain training), ``'kd'`` (τ 4, CE 0.1 / KD 0.9), ``'dkd'`` (α 1, β 8, T 4,
-      warm-up 20 epochs) or ``'dkd_gpd'`` (that DKD plus GPD: r 2, OREPA branches, 3 × SCE, clip 5).
+      warm-up 20 epochs), ``'reviewkd'`` (mdistiller's: CE 1 + 5 · HCL, warm-up 20 epochs, post-ReLU
+      student levels), or ``'dkd_gpd'`` / ``'reviewkd_gpd'`` (that method plus GPD: r 2, OREPA
+      branches, 3 × SCE, clip 5; with ReviewKD the DT gets its own ABF stack).
     config_dir: the directory of the config files (``runlocal`` trains its teacher with
       ``cifar100_ce.py:resnet32x4,runlocal`` from there).
   """
@@ -343,7 +373,9 @@ def cifar100_config(arg, *, method, config_dir):
     mdistiller_kd(c)
   if method in ("dkd", "dkd_gpd"):
     dkd(c, alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=20)
-  if method == "dkd_gpd":
+  if method in ("reviewkd", "reviewkd_gpd"):
+    reviewkd(c, weight=5.0, warmup_epochs=20, student_preact=False)
+  if method in ("dkd_gpd", "reviewkd_gpd"):
     gpd_on(c, ratio=2, branches=True)
     c.optim.clip_norm = 5.0
   if "runlocal" in flags:
@@ -354,7 +386,7 @@ def cifar100_config(arg, *, method, config_dir):
 
 
 def imagenet_config(arg, *, config_dir, model="resnet18", teacher="", dkd_beta=None, gpd=False,
-                    finetune=False):
+                    finetune=False, reviewkd_mid=None):
   """The configs/imagenet_*.py experiments: GPD's ImageNet recipe plus the method's settings.
 
   Args:
@@ -368,6 +400,10 @@ def imagenet_config(arg, *, config_dir, model="resnet18", teacher="", dkd_beta=N
     gpd: GPD's additions (r 2, OREPA branches, 3 × SCE, clip 5, EMA 0.99996).
     finetune: scenario (c): start from ``<workdir>/pretrained_student``, 50 epochs, LR 0.01 dropped
       once at epoch 30, OREPA scales (1, 0, 0, 0, 0, 0).
+    reviewkd_mid: ReviewKD (weight 1, pre-ReLU student levels) with this ABF inner width as the
+      feature term; None for none. With GPD, GPD's combination (no warm-up, the DT with its own ABF
+      stack, CE as the logit loss); without GPD, mdistiller's ImageNet recipe (batch 256, warm-up 1
+      epoch).
   """
   flags = parse_arg(arg, allowed=("runlocal",) + (() if teacher else MODEL_NAMES))
   c = imagenet_recipe(base_config(), model=_model_flag(flags, model))
@@ -377,6 +413,11 @@ def imagenet_config(arg, *, config_dir, model="resnet18", teacher="", dkd_beta=N
     imagenet_gpd(c)
   if dkd_beta is not None:
     dkd(c, alpha=1.0, beta=dkd_beta, temperature=1.0)
+  if reviewkd_mid is not None:
+    reviewkd(c, weight=1.0, warmup_epochs=0.0 if gpd else 1.0, student_preact=True,
+             mid_features=reviewkd_mid)
+    if not gpd:
+      c.batch_size = 256
   if finetune:
     c.init.student = "pretrained_student"
     c.gpd.pretrained_branches = True

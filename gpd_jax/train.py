@@ -299,8 +299,12 @@ def setup(config, workdir: str, *, training: bool = True) -> Run:
         config, workdir, info.num_classes, mesh, entry, field=f"config.online.teachers.{name}")
   if extra_variables:  # several frozen teachers: the steps take {name: variables}
     teacher_variables = {**({"teacher": teacher_variables} if teacher else {}), **extra_variables}
+  labels = None  # CRD's memory bank: one row per training example, negatives from the labels
+  if data.pipeline.needs_example_index(config):
+    labels = data.pipeline.train_labels(config)
   task = build_task(config, num_classes=info.num_classes, sample_shape=sample_shape,
-                    teacher=teacher, steps_per_epoch=steps_per_epoch, extra_teachers=extra_modules)
+                    teacher=teacher, steps_per_epoch=steps_per_epoch, extra_teachers=extra_modules,
+                    train_labels=labels)
   schedule = optim.make_schedule(config.schedule, steps_per_epoch=steps_per_epoch,
                                  total_steps=total_steps)
   tx = optim.make_optimizer(config.optim, schedule)

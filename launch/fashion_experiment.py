@@ -1,4 +1,5 @@
-"""GPD against its baselines on Fashion-MNIST: one teacher, then CE / KD / DKD / DKD+GPD / GPD-scratch.
+"""GPD against its baselines on Fashion-MNIST: one teacher, then CE / KD / DKD / DKD+GPD / GPD-scratch,
+and the feature methods ReviewKD / ReviewKD+GPD / SP / FitNets / CRD (configs/fashion_mnist_features.py).
 
     python launch/fashion_experiment.py --root=runs/fm_experiment --seeds=0,1,2
 
@@ -24,9 +25,12 @@ from gpd_jax import config_base
 from gpd_jax.metric_writer import read_metrics
 from gpd_jax.train import load_config_file, train_and_evaluate
 
-METHODS = ("ce", "kd", "dkd", "dkd_gpd", "gpd_scratch")
+# Feature-distillation methods: their settings come from configs/fashion_mnist_features.py:<method>.
+FEATURE_METHODS = ("reviewkd", "reviewkd_gpd", "sp", "fitnet", "crd")
+METHODS = ("ce", "kd", "dkd", "dkd_gpd", "gpd_scratch") + FEATURE_METHODS
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 STUDENT_CONFIG = os.path.join(CONFIG_DIR, "fashion_mnist_gpd.py")
+FEATURES_CONFIG = os.path.join(CONFIG_DIR, "fashion_mnist_features.py")
 TEACHER_CONFIG = os.path.join(CONFIG_DIR, "fashion_mnist_teacher.py")
 
 
@@ -72,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dkd_beta", type=float, default=student.loss.dkd.beta, help=f"DKD β (default: "
                  f"{student.loss.dkd.beta:g}; α and T are the config's)")
   p.add_argument("--runlocal", action="store_true", help="shrink every run like the configs' :runlocal")
+  p.add_argument("--order", choices=("method", "seed"), default="method",
+                 help="run every seed of a method before the next method ('method', default) or "
+                      "every method of a seed before the next seed ('seed')")
   return p
 
 
@@ -92,8 +99,12 @@ def parse_kwargs(text):
 
 
 def student_config(args, method, seed):
-  """The config of one student run: configs/fashion_mnist_gpd.py with the method's changes."""
-  c = _load(STUDENT_CONFIG, args.runlocal)
+  """The config of one student run: configs/fashion_mnist_gpd.py with the method's changes (a feature
+  method: configs/fashion_mnist_features.py:<method>), then the protocol's flags."""
+  if method in FEATURE_METHODS:
+    c = load_config_file(f"{FEATURES_CONFIG}:{method}" + (",runlocal" if args.runlocal else ""))
+  else:
+    c = _load(STUDENT_CONFIG, args.runlocal)
   c.seed = seed
   if args.epochs is not None:
     c.num_epochs = float(args.epochs)
@@ -125,7 +136,7 @@ def student_config(args, method, seed):
     c.loss.base = "ce"
   elif method == "kd":
     config_base.mdistiller_kd(c)
-  c.gpd.enabled = method in ("dkd_gpd", "gpd_scratch")
+  c.gpd.enabled = method in ("dkd_gpd", "gpd_scratch", "reviewkd_gpd")
   return c
 
 
@@ -166,14 +177,31 @@ def main(argv=None):
     train_and_evaluate(teacher_config(args), teacher_dir)
     timings["teacher"] = time.time() - t
   runs = {}
-  for method in methods:
-    for seed in seeds:
-      workdir = os.path.join(args.root, f"{method}_seed{seed}")
-      t = time.time()
-      train_and_evaluate(student_config(args, method, seed), workdir)
+  order = ([(m, s) for m in methods for s in seeds] if args.order == "method"
+           else [(m, s) for s in seeds for m in methods])
+  for method, seed in order:
+    workdir = os.path.join(args.root, f"{method}_seed{seed}")
+    t = time.time()
+    final = train_and_evaluate(student_config(args, method, seed), workdir)
+    if not final.get("already_finished"):  # keep the wall time of the run that trained it
       timings[f"{method}_seed{seed}"] = time.time() - t
-      runs.setdefault(method, []).append(summarize(workdir))
+    runs.setdefault(method, []).append({"seed": seed, **summarize(workdir)})
+    # Written after every run, so an interrupted protocol still leaves the finished runs' numbers.
+    table = write_summary(args, runs, timings)
+  print("\n".join(table))
 
+
+def write_summary(args, runs, timings):
+  """Writes ``<root>/summary.json`` (mean ± std over the finished seeds) and returns the table rows.
+
+  Methods that an earlier invocation under the same root ran, and this one does not, are kept.
+  """
+  path = os.path.join(args.root, "summary.json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      earlier = json.load(f)
+    runs = {**{m: r for m, r in earlier.get("runs", {}).items() if m not in runs}, **runs}
+    timings = {**earlier.get("wall_seconds", {}), **timings}
   teacher = summarize(os.path.join(args.root, "teacher"))
   table = ["| method | last val top-1 | best val top-1 | test top-1 (final model) |", "|---|---|---|---|"]
   table.append(f"| static teacher ({args.teacher}) | {teacher['last_val']:.2f} | {teacher['best_val']:.2f} "
@@ -187,10 +215,10 @@ def main(argv=None):
     stats[method] = row
     table.append(f"| {method} | " + " | ".join(f"{row[k][0]:.2f} ± {row[k][1]:.2f}"
                                                   for k in ("last_val", "best_val", "test")) + " |")
-  print("\n".join(table))
-  with open(os.path.join(args.root, "summary.json"), "w") as f:
+  with open(path, "w") as f:
     json.dump({"args": vars(args), "teacher": teacher, "runs": runs, "stats": stats,
                "wall_seconds": timings}, f, indent=2)
+  return table
 
 
 if __name__ == "__main__":

@@ -128,3 +128,83 @@ def test_config_arguments_are_checked():
     load_config_file(os.path.join(CONFIG_DIR, "imagenet_gpd.py") + ":resnet34")
   with pytest.raises(ValueError, match="unknown.*runlocl"):
     load_config_file(os.path.join(CONFIG_DIR, "fashion_mnist_gpd.py") + ":runlocl")
+
+
+def _features(c):
+  r = c.features.reviewkd
+  return (c.features.method, c.features.weight, c.features.warmup_epochs, r.student_preact,
+          r.mid_features, tuple(r.pool_sizes))
+
+
+def test_reviewkd_configs_are_the_published_recipes():
+  """Numbers from the recipes: mdistiller's ImageNet ReviewKD (batch 256, LR 0.1, weight 1, warm-up
+  1 epoch, pre-ReLU student levels, ABF width 512), GPD's ReviewKD + GPD (GPD's ImageNet recipe with
+  weight 1, no warm-up, ABF width 512 for ResNet-18 and 256 for MobileNet, CE as the logit loss), and
+  mdistiller's CIFAR-100 ReviewKD (weight 5, warm-up 20 epochs, post-ReLU student levels)."""
+  load = lambda name: load_config_file(os.path.join(CONFIG_DIR, name))
+  c = load("imagenet_reviewkd.py")
+  assert (c.model.name, c.teacher.name, c.batch_size, c.num_epochs, c.schedule.base_lr,
+          tuple(c.schedule.boundaries), c.optim.weight_decay, c.optim.momentum) == (
+      "resnet18", "resnet34", 256, 100, 0.1, (30, 60, 90), 1e-4, 0.9)
+  assert (c.loss.base, c.gpd.enabled, c.loss.ce_weight) == ("ce", False, 1.0)
+  assert _features(c) == ("reviewkd", 1.0, 1.0, True, 512, (4, 2, 1))
+  for name, model, teacher, mid in (("imagenet_reviewkd_gpd.py", "resnet18", "resnet34", 512),
+                                    ("imagenet_mobilenet_reviewkd_gpd.py", "mobilenet_v1", "resnet50", 256)):
+    c = load(name)
+    assert (c.model.name, c.teacher.name, c.batch_size, c.num_epochs, c.schedule.base_lr,
+            tuple(c.schedule.boundaries), c.optim.weight_decay, c.optim.no_decay_regex) == (
+        model, teacher, 512, 100, 0.1, (30, 60, 90), 1e-4, ""), name
+    assert (c.optim.clip_norm, c.ema_decay) == (5.0, 0.99996), name
+    assert (c.gpd.enabled, c.gpd.ratio, c.gpd.branches, c.gpd.sce_weight, c.gpd.sce_smoothing,
+            c.gpd.train_dt_loss, c.gpd.dt_uses_static_kd, c.gpd.student_uses_static_kd) == (
+        True, 2, True, 3.0, 0.1, True, True, True), name
+    assert (c.loss.base, c.loss.ce_weight) == ("ce", 1.0), name
+    assert _features(c) == ("reviewkd", 1.0, 0.0, True, mid, (4, 2, 1)), name
+  for name, gpd in (("cifar100_reviewkd.py", False), ("cifar100_reviewkd_gpd.py", True)):
+    c = load(name)
+    assert (c.model.name, c.teacher.name, c.batch_size, c.num_epochs, c.schedule.base_lr,
+            tuple(c.schedule.boundaries), c.optim.weight_decay) == (
+        "resnet8x4", "resnet32x4", 64, 240, 0.05, (150, 180, 210), 5e-4), name
+    assert (c.loss.base, c.loss.ce_weight) == ("ce", 1.0), name
+    assert _features(c) == ("reviewkd", 5.0, 20.0, False, 0, (4, 2, 1)), name
+    assert (c.gpd.enabled, c.optim.clip_norm) == ((True, 5.0) if gpd else (False, 0.0)), name
+    if gpd:
+      assert (c.gpd.ratio, c.gpd.branches, c.gpd.sce_weight) == (2, True, 3.0)
+  # :runlocal keeps the warm-up's share of the run (20 of 240 epochs).
+  local = load_config_file(os.path.join(CONFIG_DIR, "cifar100_reviewkd.py") + ":runlocal")
+  assert local.features.warmup_epochs == pytest.approx(20.0 * local.num_epochs / 240.0)
+
+
+def test_reviewkd_connector_widths_follow_the_models():
+  """mdistiller's default ABF width min(512, deepest student width) = 256 for resnet8x4, and the
+  ABFs' out-widths are the teacher's levels; with GPD the DT's stack takes ×2 in-widths."""
+  from gpd_jax.state import build_task  # pylint: disable=import-outside-toplevel
+  c = load_config_file(os.path.join(CONFIG_DIR, "cifar100_reviewkd_gpd.py"))
+  teacher = models.create("resnet32x4", 100)
+  task = build_task(c, num_classes=100, sample_shape=(1, 32, 32, 3), teacher=teacher,
+                    steps_per_epoch=700)
+  objective = task.feature_objective
+  assert objective.targets == ("student", "dt")
+  for target in ("student", "dt"):
+    fusion = objective.connectors[target]
+    assert fusion.mid_features == 256
+    assert tuple(fusion.out_features) == (64, 128, 256, 256)
+  widths = lambda t: [x.shape[-1] for x in objective.connector_inputs[t][0]]
+  assert widths("student") == [64, 128, 256, 256]
+  assert widths("dt") == [128, 256, 512, 512]
+  assert objective.warmup_steps == 20 * 700
+
+
+def test_fashion_feature_configs():
+  path = os.path.join(CONFIG_DIR, "fashion_mnist_features.py")
+  expected = {"reviewkd": ("reviewkd", 1.0, False), "reviewkd_gpd": ("reviewkd", 1.0, True),
+              "sp": ("sp", 3000.0, False), "fitnet": ("fitnet", 100.0, False),
+              "crd": ("crd", 0.8, False)}
+  for arg, (method, weight, gpd) in expected.items():
+    c = load_config_file(f"{path}:{arg}")
+    assert (c.features.method, c.features.weight, c.gpd.enabled, c.loss.base) == (
+        method, weight, gpd, "ce"), arg
+    assert (c.model.name, c.teacher.name) == ("resnet8", "resnet20")
+  assert load_config_file(f"{path}:sp,gpd").gpd.enabled
+  with pytest.raises(ValueError, match="name one method"):
+    load_config_file(f"{path}:sp,crd")

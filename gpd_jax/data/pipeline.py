@@ -225,7 +225,10 @@ def train_dataset(config, *, process_index: int = 0, process_count: int = 1) -> 
     raise ValueError(f"Train split {resolve_split(config)!r} of {d.name!r} has {n} examples: "
                      f"too few for a global batch of {config.batch_size} "
                      f"({process_count} processes).")
-  ds = grain.MapDataset.source(src).seed(seed).shuffle()
+  ds = grain.MapDataset.source(src)
+  if needs_example_index(config):
+    ds = ds.map_with_index(lambda index, record: (index, record))
+  ds = ds.seed(seed).shuffle()
   ds = ds[:n - n % process_count][process_index::process_count]
   repeats = int(_get(d, "repeated_augmentations", 1) or 1)
   if repeats > 1:
@@ -240,11 +243,30 @@ def train_dataset(config, *, process_index: int = 0, process_count: int = 1) -> 
       **({"rand_augment": rand_augment.parse_rand_augment(policy),
           "fill": tuple(int(round(255 * m)) for m in mean)} if policy else {}),
       **({"erase_prob": erase_prob, "mean": mean, "std": std} if erase_prob > 0 else {}))
+  if needs_example_index(config):
+    augment = functools.partial(_with_index, augment)
   ds = ds.random_map(augment, seed=(seed + 0x9E3779B1 * (process_index + 1)) % 2**32)
   ds = ds.batch(per_host, drop_remainder=True).repeat()  # reshuffles each epoch
   if erase_prob > 0:  # normalized per example, before the erasing
     return ds
   return ds.map(_normalizer(config, info))
+
+
+def needs_example_index(config) -> bool:
+  """Whether training batches carry each example's dataset index (``'index'``): CRD's memory bank."""
+  return ((config.get("features") or {}).get("method", "") == "crd")
+
+
+def _with_index(augment, pair, rng) -> dict:
+  index, record = pair
+  return {**augment(record, rng), "index": np.int32(index)}
+
+
+def train_labels(config) -> np.ndarray:
+  """[N] int32 labels of the (capped) training split, in dataset-index order (what ``'index'``
+  points into)."""
+  src = open_source(config, None, cap=_get(config.dataset, "num_train_examples"))
+  return np.asarray([int(src[i]["label"]) for i in range(len(src))], np.int32)
 
 
 def create_train_iterator(config, *, process_index: int = 0,
