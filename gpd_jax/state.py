@@ -120,6 +120,9 @@ class TrainState:
     peers: ``{name: NetworkState}`` of the peers, or None without peers.
     switch: SwitOKD's ``{'expert': bool, 'expert_steps': int32}`` (the last step's mode and how many
       steps the teacher has paused), or None without a switch.
+    phase: a multi-phase run's ``{'index': int32, 'start': int32 (its first step), 'best_loss':
+      float32, 'best': {'params', 'batch_stats', 'student_batch_stats'}}`` (the current phase and its
+      weights with the lowest validation loss so far; ``gpd_jax/phases.py``), or None.
   """
   step: jax.Array
   params: Any
@@ -130,6 +133,7 @@ class TrainState:
   ema: Any
   peers: Any = None
   switch: Any = None
+  phase: Any = None
 
   def network(self, name: str) -> "NetworkState":
     """The state of trained network ``name`` (``'student'``: the main network's fields above)."""

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gpd_jax import losses, online_losses
+from gpd_jax import losses, online_losses, phases
 from gpd_jax.state import Network, NetworkState, Task, TrainState
 from gpd_jax.transforms import student_view
 
@@ -107,8 +107,11 @@ def _update_network(tx, ema_decay: float, net: NetworkState, grads, new_stats) -
 
 
 def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    ema_decay: float):
+                    ema_decay: float, *, phase=None):
   """``train_step(state, batch, teacher_variables) -> (state, metrics)``.
+
+  ``phase``: a multi-phase run's current :class:`gpd_jax.phases.Phase`; the BatchNorm statistics of
+  the modules it freezes then keep their values (``tx`` zeroes their parameters' updates).
 
   ``batch``: ``{'image': [B, H, W, C], 'label': int [B]}``; ``teacher_variables``: see the module
   docstring. ``metrics``: the objective's terms plus ``lr``, ``grad_norm`` (the main network's),
@@ -148,6 +151,11 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
     metrics = {**terms, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads["student"]),
                "finite": jnp.isfinite(total)}
     new_state = state.replace(step=state.step + 1)
+    if phase is not None:
+      main = state.network("student")
+      batch_stats, student_batch_stats = new_stats["student"]
+      new_stats["student"] = (phases.keep_frozen(phase, main.batch_stats, batch_stats),
+                              phases.keep_frozen(phase, main.student_batch_stats, student_batch_stats))
     for net in networks:
       old = state.network(net.name)
       new = _update_network(tx, ema_decay, old, grads[net.name], new_stats[net.name])
@@ -167,6 +175,21 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
     return new_state, metrics
 
   return train_step
+
+
+def make_phase_loss_step(task: Task, phase):
+  """``loss_step(state, batch, teacher_variables) -> {'count', 'loss'}``: the sum over the real
+  (mask 1) examples of ``phase``'s per-example loss, eval-mode BatchNorm (the phase's validation
+  loss, :func:`gpd_jax.phases.validation_loss_sums`)."""
+  def loss_step(state: TrainState, batch, teacher_variables):
+    images, labels, mask = batch["image"], batch["label"], batch["mask"]
+    variables, student_batch_stats = state.variables("raw")
+    logits, _ = forward(task, variables["params"], variables.get("consts"),
+                        variables["batch_stats"], student_batch_stats, images, train=False)
+    return {"count": jnp.sum(mask),
+            "loss": phases.validation_loss_sums(phase, logits, labels, mask, None)}
+
+  return loss_step
 
 
 def make_eval_step(task: Task):

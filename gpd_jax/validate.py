@@ -21,7 +21,7 @@ import os
 import re
 from typing import Any, Callable
 
-from gpd_jax import checkpoint, data, interop, models, objective, optim, sharding
+from gpd_jax import checkpoint, data, interop, models, objective, optim, phases, sharding
 from gpd_jax.data import pipeline as data_pipeline
 from gpd_jax.state import DTYPES
 
@@ -103,6 +103,8 @@ FIELDS: dict[str, Field] = {
                               "delete every checkpoint of the run"),
     "ema_decay": Field("float", 0, 1, high_open=True, hint="0 = no EMA"),
     "select_metric": Field("str"),
+    "phases": Field("any", check=lambda value: "; ".join(phases.check_entries(value)) or None,
+                    hint="a tuple of config_base.phase(...) dicts"),
     "model.name": Field("str", check=_model_name_problem),
     "model.kwargs": Field("dict"),
     "model.dtype": Field("str", choices=tuple(DTYPES)),
@@ -177,6 +179,9 @@ FIELDS: dict[str, Field] = {
     "dataset.crop_padding": Field("int", 0),
     "dataset.num_train_examples": Field("int", 1, optional=True, hint="None = all"),
     "dataset.num_eval_examples": Field("int", 1, optional=True, hint="None = all"),
+    "dataset.train_fraction": Field("float", 0, 1, low_open=True,
+                                    hint="the share of the train split used (1 = all)"),
+    "dataset.subset_seed": Field("int", 0, 2**32 - 1),
     "dataset.worker_count": Field("int", 0),
     "dataset.num_threads": Field("int", 0),
     "dataset.prefetch_buffer_size": Field("int", 0),
@@ -231,7 +236,8 @@ def check_field(path: str, value, field: Field) -> str | None:
     return None if field.optional or field.kind == "any" else f"{name} is None; set it{hint}"
   kind = field.kind
   if kind == "any":
-    return None
+    problem = field.check(value) if field.check is not None else None
+    return f"{name}: {problem}" if problem else None
   if kind == "bool":
     if not isinstance(value, bool):
       return f"{name}={value!r} must be True or False"
@@ -305,7 +311,10 @@ def _cross_field_problems(config) -> list[str]:
   """Rules that tie fields together (each field alone is already known to be well-typed)."""
   problems = []
   get = lambda section, key, default=None: (config.get(section) or {}).get(key, default)
-  if not config.get("num_train_steps") and not config.get("num_epochs"):
+  if config.get("phases") and config.get("num_train_steps"):
+    problems.append(f"config.num_train_steps={config.num_train_steps} with config.phases: a phased "
+                    "run's length is the sum of its phases' epochs; set num_train_steps=0")
+  elif not config.get("phases") and not config.get("num_train_steps") and not config.get("num_epochs"):
     problems.append("config.num_epochs=0 and config.num_train_steps=0: the run would have no steps; "
                     "set config.num_epochs (or config.num_train_steps) > 0")
   base = get("loss", "base", "ce")
@@ -512,6 +521,14 @@ def check_teacher(config, workdir: str, num_classes: int, *, training: bool = Tr
   _check_export(teacher_dir, "config.teacher.workdir", name=name, num_classes=num_classes)
 
 
+def run_steps(config, steps_per_epoch: int) -> int:
+  """The run's length in steps: the sum of its phases, else ``num_train_steps`` or ``num_epochs``."""
+  plan = phases.make_plan(config, steps_per_epoch)
+  if plan:
+    return plan[-1].end_step
+  return config.get("num_train_steps") or int(round(config.num_epochs * steps_per_epoch))
+
+
 def resume_identity(config, num_classes: int, steps_per_epoch: int, total_steps: int) -> dict:
   """What a checkpoint must agree on with the config that resumes it.
 
@@ -543,6 +560,12 @@ def resume_identity(config, num_classes: int, steps_per_epoch: int, total_steps:
   identity["peers"] = {name: {"model": p.model.name, "gpd_ratio": int(p.get("gpd_ratio", 0) or 0)}
                        for name, p in (online.get("peers") or {}).items()}
   identity["switch"] = (online.get("switch") or {}).get("teacher", "")
+  # Only for the runs that use them, so the identity of every other run stays what it was.
+  if float(d.get("train_fraction", 1.0) or 1.0) != 1.0:
+    identity["dataset"]["train_fraction"] = float(d.train_fraction)
+    identity["dataset"]["subset_seed"] = int(d.get("subset_seed", 0) or 0)
+  if config.get("phases"):
+    identity["phases"] = phases.describe(phases.make_plan(config, steps_per_epoch))
   return identity
 
 
@@ -581,7 +604,10 @@ def check_run(config, workdir: str, *, training: bool = True, splits: dict | Non
     else:
       _check_export(path, "config.init.student", name=config.model.name, num_classes=num_classes)
   steps_per_epoch = data.steps_per_epoch(config)
-  total_steps = config.get("num_train_steps") or int(round(config.num_epochs * steps_per_epoch))
+  try:
+    total_steps = run_steps(config, steps_per_epoch)
+  except phases.PhaseConfigError as e:
+    raise ConfigError(str(e)) from None
   if training and total_steps < 1:
     raise ConfigError(f"config.num_epochs={config.num_epochs} is less than one step ({steps_per_epoch} "
                       "steps per epoch); raise it")
