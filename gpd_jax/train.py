@@ -513,6 +513,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   is_main = jax.process_index() == 0
   if is_main:
     save_config(config, workdir)
+    save_train_subset(config, workdir)
   train_step, eval_step = _jit_steps(config, run)
   writer = MetricWriter(workdir, enabled=is_main)
   progress = Progress(run.total_steps, int(run.state.step), enabled=is_main)
@@ -812,6 +813,27 @@ def save_config(config, workdir: str) -> None:
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
     f.write(text)
+  os.replace(tmp, path)
+
+
+SUBSET_FILE = "train_subset.json"  # a reduced-data run's training examples
+
+
+def save_train_subset(config, workdir: str) -> None:
+  """Writes ``<workdir>/train_subset.json`` for a reduced-data run (``config.dataset.train_fraction``
+  < 1): the fraction, seed, the split it indexes and the sorted indices of the examples trained on."""
+  indices = data.train_subset_indices(config)
+  if indices is None:
+    return
+  d = config.dataset
+  record = {"train_split": d.get("train_split", "train"),
+            "num_train_examples": d.get("num_train_examples"),
+            "train_fraction": float(d.train_fraction), "subset_seed": int(d.get("subset_seed", 0)),
+            "count": int(len(indices)), "indices": [int(i) for i in indices]}
+  path = os.path.join(workdir, SUBSET_FILE)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(record, f)
   os.replace(tmp, path)
 
 

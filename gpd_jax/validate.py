@@ -21,9 +21,12 @@ import os
 import re
 from typing import Any, Callable
 
+import jax
+import numpy as np
+
 from gpd_jax import checkpoint, data, interop, models, objective, optim, phases, sharding
 from gpd_jax.data import pipeline as data_pipeline
-from gpd_jax.state import DTYPES
+from gpd_jax.state import DTYPES, model_kwargs
 
 
 class ConfigError(ValueError):
@@ -521,6 +524,19 @@ def check_teacher(config, workdir: str, num_classes: int, *, training: bool = Tr
   _check_export(teacher_dir, "config.teacher.workdir", name=name, num_classes=num_classes)
 
 
+def _check_phase_patterns(config, num_classes: int, steps_per_epoch: int) -> None:
+  """Every phase's ``train`` entry names leaves of the student (shapes only, nothing computed)."""
+  plan = phases.make_plan(config, steps_per_epoch)
+  if not plan:
+    return
+  module = models.create(config.model.name, num_classes, **model_kwargs(config.model))
+  info = data.get_dataset_info(config)
+  size = config.dataset.get("image_size") or info.image_shape[0]
+  sample = np.zeros((1, int(size), int(size), int(info.image_shape[-1])), np.float32)
+  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), sample, train=False))
+  phases.check_patterns(plan, abstract["params"])
+
+
 def run_steps(config, steps_per_epoch: int) -> int:
   """The run's length in steps: the sum of its phases, else ``num_train_steps`` or ``num_epochs``."""
   plan = phases.make_plan(config, steps_per_epoch)
@@ -606,6 +622,7 @@ def check_run(config, workdir: str, *, training: bool = True, splits: dict | Non
   steps_per_epoch = data.steps_per_epoch(config)
   try:
     total_steps = run_steps(config, steps_per_epoch)
+    _check_phase_patterns(config, num_classes, steps_per_epoch)
   except phases.PhaseConfigError as e:
     raise ConfigError(str(e)) from None
   if training and total_steps < 1:

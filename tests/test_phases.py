@@ -1,0 +1,282 @@
+"""Multi-phase runs (gpd_jax/phases.py): labels, frozen leaves, phase entry, kill-and-resume at and
+inside a phase, the stage MSE loss, and the reduced-data subset.
+
+Tiny CIFAR ResNets on 16×16 synthetic images (tests/test_train.py's tiny_config).
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpd_jax import checkpoint, config_base, data, phases, train
+from gpd_jax.data import pipeline
+from gpd_jax.metric_writer import read_metrics
+from gpd_jax.state import build_task, init_state
+from gpd_jax.step import make_train_step
+from gpd_jax.transforms.spec import leaf_key
+from test_train import make_teacher, tiny_config
+
+SAMPLE = (1, 16, 16, 3)
+
+
+def stagewise_phases(epochs=0.5, *, first_start="best"):
+  """Stagewise KD on resnet8: stem, stage1..3 (stage MSE), then the head (CE)."""
+  stages = ("stem", "stage1", "stage2", "stage3")
+  return tuple(config_base.phase(s, epochs, (s,), (f"stage_mse({s})",), start=first_start)
+               for s in stages) + (config_base.phase("head", epochs, ("head",), ("ce",)),)
+
+
+def paths(tree):
+  return [leaf_key(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Labels.
+
+
+RESNET8_PARAMS = {
+    "stem": ["bn1/bias", "bn1/scale", "conv1/kernel"],
+    "stage1": ["layer1_0/bn1/bias", "layer1_0/bn1/scale", "layer1_0/bn2/bias", "layer1_0/bn2/scale",
+               "layer1_0/conv1/kernel", "layer1_0/conv2/kernel"],
+    "stage2": ["layer2_0/bn1/bias", "layer2_0/bn1/scale", "layer2_0/bn2/bias", "layer2_0/bn2/scale",
+               "layer2_0/conv1/kernel", "layer2_0/conv2/kernel", "layer2_0/downsample_bn/bias",
+               "layer2_0/downsample_bn/scale", "layer2_0/downsample_conv/kernel"],
+    "stage3": ["layer3_0/bn1/bias", "layer3_0/bn1/scale", "layer3_0/bn2/bias", "layer3_0/bn2/scale",
+               "layer3_0/conv1/kernel", "layer3_0/conv2/kernel", "layer3_0/downsample_bn/bias",
+               "layer3_0/downsample_bn/scale", "layer3_0/downsample_conv/kernel"],
+    "head": ["fc/bias", "fc/kernel"],
+}
+
+
+def test_labels_of_every_stagewise_phase_on_resnet8():
+  c = tiny_config(gpd=False)
+  c.num_train_steps = 0
+  c.phases = stagewise_phases()
+  plan = phases.make_plan(c, steps_per_epoch=4)
+  task = build_task(c, num_classes=5, sample_shape=SAMPLE)
+  params = jax.eval_shape(lambda: task.student.init(jax.random.key(0), jnp.zeros(SAMPLE),
+                                                    train=False))["params"]
+  assert sorted(paths(params)) == sorted(sum(RESNET8_PARAMS.values(), []))
+  for phase, stage in zip(plan, ("stem", "stage1", "stage2", "stage3", "head")):
+    labels = dict(zip(paths(params), jax.tree.leaves(phases.labels(phase, params))))
+    trained = sorted(p for p, label in labels.items() if label == "train")
+    assert trained == RESNET8_PARAMS[stage], phase.name
+    assert all(label in ("train", "frozen") for label in labels.values())
+  # The step ranges: 0.5 epoch of 4 steps each, back to back.
+  assert [(p.start_step, p.end_step) for p in plan] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+
+
+def test_gpd_labels_apply_to_the_dt_tree_with_branches():
+  c = tiny_config(gpd=True, branches=True, teacher=False)
+  c.num_train_steps = 0
+  c.loss.base = "ce"
+  c.phases = (config_base.phase("s2", 1, ("stage2",), ("base",)),)
+  plan = phases.make_plan(c, steps_per_epoch=4)
+  task = build_task(c, num_classes=5, sample_shape=SAMPLE)
+  state = jax.eval_shape(lambda: init_state(task, c, phases.make_optimizer(plan[0], 4),
+                                            jax.random.key(0)))
+  labels = dict(zip(paths(state.params), jax.tree.leaves(phases.labels(plan[0], state.params))))
+  trained = [p for p, label in labels.items() if label == "train"]
+  # Every DT leaf of layer2 (OREPA branches included) trains, nothing else does.
+  assert trained and all(p.startswith("layer2_0/") for p in trained)
+  assert all(labels[p] == "frozen" for p in labels if not p.startswith("layer2_0/"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Frozen leaves stay bitwise unchanged.
+
+
+def _phase_state_and_step(c, index):
+  plan = phases.make_plan(c, steps_per_epoch=4)
+  task = build_task(c, num_classes=5, sample_shape=SAMPLE)
+  phase, tx = plan[index], phases.make_optimizer(plan[index], 4)
+  state = init_state(task, c, tx, jax.random.key(0))
+  state = state.replace(phase=phases.initial_phase_state(state, index, phase.start_step))
+  step = jax.jit(make_train_step(phases.phase_task(task, phase, c), tx,
+                                 phases.make_schedule(phase, 4), c.ema_decay, phase=phase))
+  return phase, state, step
+
+
+def _batches(n, batch=8):
+  rng = np.random.default_rng(0)
+  return [{"image": jnp.asarray(rng.normal(size=(batch, 16, 16, 3)), jnp.float32),
+           "label": jnp.asarray(rng.integers(0, 5, size=batch), jnp.int32)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("stage", ["stage2", "head"])
+def test_frozen_params_and_statistics_stay_bitwise_unchanged(stage):
+  # SGD with momentum and weight decay 5e-4, gradient clipping, EMA: none of it may touch a frozen leaf.
+  c = tiny_config(gpd=False, teacher=False)
+  c.num_train_steps = 0
+  c.phases = (config_base.phase(stage, 1, (stage,), ("ce",)),)
+  phase, state, step = _phase_state_and_step(c, 0)
+  before = jax.device_get((state.params, state.batch_stats))
+  for batch in _batches(3):
+    state, metrics = step(state, batch, None)
+  assert np.isfinite(float(metrics["total"]))
+  after = jax.device_get((state.params, state.batch_stats))
+  for name, tree_before, tree_after in (("params", before[0], after[0]),
+                                        ("batch_stats", before[1], after[1])):
+    flat_before = dict(zip(paths(tree_before), jax.tree.leaves(tree_before)))
+    flat_after = dict(zip(paths(tree_after), jax.tree.leaves(tree_after)))
+    trained = [p for p in flat_before if phase.is_trained(p)]
+    frozen = [p for p in flat_before if not phase.is_trained(p)]
+    assert frozen and (trained or (name, stage) == ("batch_stats", "head")), name  # fc has no BN
+    for p in frozen:
+      np.testing.assert_array_equal(flat_after[p], flat_before[p], err_msg=f"{name} {p} moved")
+    for p in trained:
+      assert not np.array_equal(flat_after[p], flat_before[p]), f"{name} {p} did not train"
+
+
+# ----------------------------------------------------------------------------------------------
+# Entering a phase.
+
+
+def test_enter_starts_from_the_best_or_the_last_weights_with_a_fresh_optimizer():
+  c = tiny_config(gpd=False, teacher=False)
+  c.num_train_steps = 0
+  c.phases = (config_base.phase("a", 1, ("stage1",), ("ce",)),
+              config_base.phase("b", 1, ("head",), ("ce",), start="best"),
+              config_base.phase("c", 1, ("head",), ("ce",), start="last"))
+  plan = phases.make_plan(c, steps_per_epoch=4)
+  _, state, step = _phase_state_and_step(c, 0)
+  state, _ = step(state, _batches(1)[0], None)
+  best = jax.device_get(state.params)
+  state = phases.remember_best(state, 0.5)
+  for batch in _batches(2):
+    state, _ = step(state, batch, None)
+  last = jax.device_get(state.params)
+  tx_b = phases.make_optimizer(plan[1], 4)
+  entered = phases.enter(state, plan[1], tx_b)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(entered.params), best)
+  assert int(entered.phase["index"]) == 1 and int(entered.phase["start"]) == 4
+  assert float(entered.phase["best_loss"]) == phases.NO_LOSS
+  # A fresh optimizer state: the same as tx.init of the entered params.
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(entered.opt_state),
+               jax.device_get(tx_b.init(entered.params)))
+  # 'last', and 'best' without any evaluation in the phase, keep the last weights.
+  entered_last = phases.enter(state, plan[2], phases.make_optimizer(plan[2], 4))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(entered_last.params), last)
+  unevaluated = state.replace(phase=phases.initial_phase_state(state, 0, 0))
+  entered_unevaluated = phases.enter(unevaluated, plan[1], tx_b)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(entered_unevaluated.params), last)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage MSE loss.
+
+
+def test_stage_mse_against_numpy():
+  rng = np.random.default_rng(3)
+  student = rng.normal(size=(4, 5, 5, 6)).astype(np.float32)
+  teacher = rng.normal(size=(4, 5, 5, 6)).astype(np.float32)
+  expected = np.array([np.sum((student[b] - teacher[b]) ** 2) / (5 * 5 * 6) for b in range(4)])
+  got = phases.stage_mse_per_example(jnp.asarray(student), jnp.asarray(teacher))
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6)
+  # The teacher is a constant: the gradient reaches the student only, 2(s - t)/(B·M) for the mean.
+  grad_s, grad_t = jax.grad(lambda s, t: jnp.mean(phases.stage_mse_per_example(s, t)),
+                            argnums=(0, 1))(jnp.asarray(student), jnp.asarray(teacher))
+  np.testing.assert_allclose(np.asarray(grad_s), 2 * (student - teacher) / student.size, rtol=1e-5)
+  assert not np.any(np.asarray(grad_t))
+  with pytest.raises(ValueError, match="stage widths"):
+    phases.stage_mse_per_example(jnp.zeros((2, 4, 4, 8)), jnp.zeros((2, 4, 4, 16)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kill and resume.
+
+
+class Killed(Exception):
+  pass
+
+
+def _kill_after(monkeypatch, kill_step):
+  original = checkpoint.Checkpointer.save
+
+  def save(self, step, state, data_state, info):
+    original(self, step, state, data_state, info)
+    if step == kill_step:
+      self.wait()
+      raise Killed(step)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
+
+
+def _phased_config():
+  c = tiny_config(gpd=False, teacher=False)
+  c.num_train_steps = 0
+  c.checkpoint_every_steps = 1
+  c.keep_checkpoints = 2
+  c.phases = (config_base.phase("stem+stage1", 0.5, ("stem", "stage1"), ("ce",)),
+              config_base.phase("stage2+3", 0.75, ("stage2", "stage3"), ("ce",), start="best"),
+              config_base.phase("head", 0.5, ("head",), ("ce",), start="best",
+                                optim={"name": "adamw", "weight_decay": 0.0},
+                                schedule={"name": "constant", "base_lr": 1e-3}))
+  return c
+
+
+def _final(workdir):
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  step, info = ckpt.latest_info()
+  ckpt.close()
+  _, variables, _ = checkpoint.load_export(workdir)
+  return step, info, jax.device_get(variables)
+
+
+@pytest.mark.parametrize("kill_step", [2, 4])  # 2: the end of phase 0; 4: inside phase 1 (steps 2-5)
+def test_kill_at_and_inside_a_phase_resumes_to_the_same_final_state(tmp_path, monkeypatch, kill_step):
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  train.train_and_evaluate(_phased_config(), straight)
+  with monkeypatch.context() as m:
+    _kill_after(m, kill_step)
+    with pytest.raises(Killed):
+      train.train_and_evaluate(_phased_config(), killed)
+  ckpt = checkpoint.Checkpointer(os.path.join(killed, "checkpoints"), read_only=True)
+  assert ckpt.latest_step() == kill_step and ckpt.latest_info()[1]["phase"] == (0 if kill_step == 2 else 1)
+  ckpt.close()
+  train.train_and_evaluate(_phased_config(), killed)
+  step_a, info_a, export_a = _final(straight)
+  step_b, info_b, export_b = _final(killed)
+  assert step_a == step_b == 7 and info_a["phase"] == info_b["phase"] == 2
+  assert info_a["fingerprint"] == info_b["fingerprint"]  # every leaf of the state, bit for bit
+  jax.tree.map(np.testing.assert_array_equal, export_b, export_a)
+  losses_a = {r["step"]: r["total"] for r in read_metrics(straight, "train")}
+  losses_b = {r["step"]: r["total"] for r in read_metrics(killed, "train")}
+  assert [losses_b[s] for s in range(1, 8)] == [losses_a[s] for s in range(1, 8)]
+  assert [r["phase"] for r in read_metrics(straight, "train")] == [0, 0, 1, 1, 1, 2, 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reduced data.
+
+
+def test_reduced_data_subset_is_seeded_deterministic_and_recorded(tmp_path):
+  a = pipeline.subset_indices(1000, 0.2, seed=7)
+  assert len(a) == 200 and len(set(a.tolist())) == 200 and np.all(np.diff(a) > 0)
+  np.testing.assert_array_equal(a, pipeline.subset_indices(1000, 0.2, seed=7))
+  assert not np.array_equal(a, pipeline.subset_indices(1000, 0.2, seed=8))
+  np.testing.assert_array_equal(pipeline.subset_indices(10, 1.0, seed=7), np.arange(10))
+  c = tiny_config(gpd=False, teacher=False, steps=2)
+  c.dataset.train_fraction = 0.5
+  c.dataset.subset_seed = 11
+  indices = data.train_subset_indices(c)
+  np.testing.assert_array_equal(indices, pipeline.subset_indices(32, 0.5, seed=11))
+  assert data.num_examples(c) == 16 and data.steps_per_epoch(c) == 2
+  full = pipeline.open_source(c, None)
+  subset = pipeline.open_train_source(c)
+  for i, j in enumerate(indices):
+    np.testing.assert_array_equal(subset[i]["image"], full[int(j)]["image"])
+  workdir = str(tmp_path)
+  train.train_and_evaluate(c, workdir)
+  with open(os.path.join(workdir, train.SUBSET_FILE)) as f:
+    record = json.load(f)
+  assert record["indices"] == indices.tolist() and record["count"] == 16
+  assert record["train_fraction"] == 0.5 and record["subset_seed"] == 11
+  # The subset is part of the resume identity: another seed is another run.
+  c.dataset.subset_seed = 12
+  c.num_train_steps = 4
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="subset_seed"):
+    train.train_and_evaluate(c, workdir)
