@@ -106,6 +106,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.online.switch.teacher = ""  # '' = off; else the peer that pauses
   c.online.switch.student = "student"
 
+  # Feature distillation from the static teacher (gpd_jax/feature_kd.py, docs/feature_kd.md): the
+  # student (and with GPD the DT, each with its own connector) matches the teacher's feature taps.
+  c.features = ml_collections.ConfigDict()
+  c.features.method = ""  # '' = off | 'reviewkd' | 'sp' | 'fitnet' | 'crd'
+  c.features.weight = 1.0  # the term's weight (recipes: ReviewKD 1, SP 3000, FitNets 100, CRD 0.8)
+  c.features.warmup_epochs = 0.0  # linear ramp of the weight over these epochs (0 = none)
+  c.features.reviewkd = ml_collections.ConfigDict(
+      {"mid_features": 0,  # the ABFs' inner width; 0 = min(512, the student's deepest width)
+       "student_preact": True,  # student levels before their last ReLU (False: mdistiller's CIFAR)
+       "pool_sizes": (4, 2, 1)})  # HCL's pyramid
+  c.features.sp = ml_collections.ConfigDict({"groups": 1})  # split the batch into groups (per-GPU SP)
+  c.features.fitnet = ml_collections.ConfigDict({"hint_layer": 2})  # index in [stem, stage_1, ...]
+  c.features.crd = ml_collections.ConfigDict(
+      {"feature_dim": 128, "num_negatives": 16384, "temperature": 0.07, "momentum": 0.5})
+
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"  # 'sgd' | 'adamw'
   c.optim.momentum = 0.9

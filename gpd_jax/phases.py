@@ -10,7 +10,8 @@
   terms     its objective, a sum of: 'base' (the run's config.loss / config.gpd objective), 'ce' (the
             student's cross-entropy with config.loss.label_smoothing) and 'stage_mse(<tap>)' (MSE
             between the student's and the static teacher's post-ReLU output of tap 'stem' or
-            'stage<k>', the Stagewise KD / SSKD loss)
+            'stage<k>', the Stagewise KD / SSKD loss; run as the step's feature objective, so the
+            networks return their taps in those phases only)
   start     which weights start the phase: 'best' (the previous phase's weights with the lowest
             validation loss, Stagewise KD's rule) or 'last' (where the previous phase ended); the first
             phase starts from the initial weights either way
@@ -212,6 +213,10 @@ def make_plan(config, steps_per_epoch: int) -> tuple[Phase, ...]:
   if (config.get("online") or {}).get("peers"):
     raise PhaseConfigError("config.phases with config.online.peers is not supported (the phases "
                            "freeze the main network only); drop one of them")
+  if (config.get("features") or {}).get("method"):
+    raise PhaseConfigError(f"config.phases with config.features.method={config.features.method!r} is "
+                           "not supported (the phases' optimizer covers the network, not the feature "
+                           "connectors); use 'stage_mse' terms in the phases, or drop config.phases")
   plan, start = [], 0
   for i, entry in enumerate(entries):
     field = f"config.phases[{i}]"
@@ -363,13 +368,12 @@ def stage_mse_per_example(student: jax.Array, teacher: jax.Array) -> jax.Array:
 
 
 def make_objective(phase: Phase, base_objective: Callable, label_smoothing: float):
-  """``objective(logits, labels, *, step, features) -> (total, terms)`` of ``phase``.
+  """``objective(logits, labels, *, step) -> (total, terms)``: the phase's logit terms ('base',
+  'ce'; its 'stage_mse' terms are :class:`StageMSEObjective`'s).
 
-  ``features``: ``{'student': Features, 'teacher': Features}`` (needed by 'stage_mse' only).
-  ``terms``: each term's batch mean (``base``'s own terms, ``ce_S``, ``mse_<tap>``), ``acc_S``
-  and ``total``.
+  ``terms``: each term's batch mean (``base``'s own terms, ``ce_S``), ``acc_S`` and ``total``.
   """
-  def objective(logits, labels, *, step, features=None):
+  def objective(logits, labels, *, step):
     total, terms = jnp.zeros((), jnp.float32), {}
     for term in phase.terms:
       if term.kind == "base":
@@ -380,18 +384,28 @@ def make_objective(phase: Phase, base_objective: Callable, label_smoothing: floa
         terms["ce_S"] = jnp.mean(losses.cross_entropy(logits["student"], labels,
                                                       label_smoothing=label_smoothing))
         total = total + terms["ce_S"]
-      else:
-        if not features or "teacher" not in features:
-          raise ValueError(f"phase {phase.name!r}: 'stage_mse({term.tap})' needs the student's and "
-                           "the teacher's features")
-        terms[term.label] = jnp.mean(stage_mse_per_example(tap(features["student"], term.tap),
-                                                           tap(features["teacher"], term.tap)))
-        total = total + terms[term.label]
     terms["acc_S"] = jnp.mean(losses.top_k_correct(logits["student"], labels, 1))
     terms["total"] = total
     return total, terms
 
   return objective
+
+
+@dataclasses.dataclass(frozen=True)
+class StageMSEObjective:
+  """The phase's 'stage_mse' terms as a feature objective (the step's ``Task.feature_objective``
+  interface, ``gpd_jax/feature_kd.py``): no connectors, no state; each term is the batch mean of
+  :func:`stage_mse_per_example` between the student's and the static teacher's tap."""
+  terms: tuple[Term, ...]
+
+  def init(self, rng):  # pylint: disable=unused-argument
+    return None, None
+
+  def __call__(self, features, labels, *, step, connectors, feature_state, batch):  # pylint: disable=unused-argument
+    values = {t.label: jnp.mean(stage_mse_per_example(tap(features["student"], t.tap),
+                                                      tap(features["teacher"], t.tap)))
+              for t in self.terms}
+    return sum(values.values()), values, None, feature_state
 
 
 def validation_loss_sums(phase: Phase, logits, labels, mask, features=None) -> jax.Array:
@@ -412,5 +426,7 @@ def phase_task(task, phase: Phase, config):
   kinds = {t.kind for t in phase.terms}
   uses_teacher = "stage_mse" in kinds or ("base" in kinds and config.loss.base != "ce")
   objective = make_objective(phase, task.objective, float(config.loss.label_smoothing))
+  stage_terms = tuple(t for t in phase.terms if t.kind == "stage_mse")
   return dataclasses.replace(task, objective=objective,
-                             teacher=task.teacher if uses_teacher else None)
+                             teacher=task.teacher if uses_teacher else None,
+                             feature_objective=StageMSEObjective(stage_terms) if stage_terms else None)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gpd_jax import models, terms as terms_lib
+from gpd_jax import feature_kd, models, terms as terms_lib
 from gpd_jax.objective import make_objective
 from gpd_jax.transforms import ExpansionSpec, derive_spec, expand
 from gpd_jax.transforms.spec import check_ratio
@@ -80,6 +80,9 @@ class Task:
     extra_teachers: frozen teachers beyond ``teacher`` (``config.online.teachers``).
     terms: ``terms(logits, labels) -> (total, metrics)`` between the named networks, or None.
     switch: SwitOKD's ``(student, teacher)`` logits names; ``teacher``, a peer, pauses in expert mode.
+    feature_objective: the feature-distillation objective (``gpd_jax.feature_kd.FeatureObjective``),
+      or None. When set, the step runs the trained networks and the static teacher with
+      ``return_features=True`` and calls it with ``features: {name: Features}``.
   """
   student: nn.Module
   model: nn.Module
@@ -94,10 +97,16 @@ class Task:
   extra_teachers: tuple[FrozenTeacher, ...] = ()
   terms: Callable | None = None
   switch: tuple[str, str] | None = None
+  feature_objective: Any = None
 
   @property
   def gpd(self) -> bool:
     return self.view_spec is not None
+
+  @property
+  def needs_features(self) -> bool:
+    """Whether the train step needs the networks' feature taps (a static property of the run)."""
+    return self.feature_objective is not None
 
   @property
   def networks(self) -> tuple[Network, ...]:
@@ -120,6 +129,10 @@ class TrainState:
     peers: ``{name: NetworkState}`` of the peers, or None without peers.
     switch: SwitOKD's ``{'expert': bool, 'expert_steps': int32}`` (the last step's mode and how many
       steps the teacher has paused), or None without a switch.
+    connectors: the main network's feature connectors ``{'params', 'batch_stats'}`` (trained with
+      ``params`` by one optax chain over ``{'model': params, 'connectors': connectors['params']}``,
+      EMA'd under ``ema['connectors']``, never exported), or None.
+    feature_state: the feature objective's non-trainable state (CRD's memory banks), or None.
     phase: a multi-phase run's ``{'index': int32, 'start': int32 (its first step), 'best_loss':
       float32, 'best': {'params', 'batch_stats', 'student_batch_stats'}}`` (the current phase and its
       weights with the lowest validation loss so far; ``gpd_jax/phases.py``), or None.
@@ -133,6 +146,8 @@ class TrainState:
   ema: Any
   peers: Any = None
   switch: Any = None
+  connectors: Any = None
+  feature_state: Any = None
   phase: Any = None
 
   def network(self, name: str) -> "NetworkState":
@@ -141,7 +156,7 @@ class TrainState:
       return self.peers[name]
     return NetworkState(params=self.params, consts=self.consts, batch_stats=self.batch_stats,
                         student_batch_stats=self.student_batch_stats, opt_state=self.opt_state,
-                        ema=self.ema)
+                        ema=self.ema, connectors=self.connectors)
 
   def with_network(self, name: str, net: "NetworkState") -> "TrainState":
     """This state with network ``name``'s state replaced by ``net``."""
@@ -149,7 +164,7 @@ class TrainState:
       return self.replace(peers={**self.peers, name: net})
     return self.replace(params=net.params, consts=net.consts, batch_stats=net.batch_stats,
                         student_batch_stats=net.student_batch_stats, opt_state=net.opt_state,
-                        ema=net.ema)
+                        ema=net.ema, connectors=net.connectors)
 
   def variables(self, source: str = "raw"):
     """``{'params', ['consts'], 'batch_stats'}`` of ``model`` and the student's BN stats."""
@@ -171,6 +186,7 @@ class NetworkState:
   student_batch_stats: Any
   opt_state: Any
   ema: Any
+  connectors: Any = None
 
   def variables(self, source: str = "raw"):
     """``({'params', ['consts'], 'batch_stats'}, student_batch_stats)`` of the raw or EMA weights."""
@@ -208,12 +224,13 @@ def _build_network(name: str, model_config, gpd_ratio: int, branches: bool, num_
 
 def build_task(config, *, num_classes: int, sample_shape: tuple[int, ...],
                teacher: nn.Module | None = None, steps_per_epoch: int | None = None,
-               extra_teachers: dict | None = None) -> Task:
+               extra_teachers: dict | None = None, train_labels=None) -> Task:
   """Networks, student-view specs and objective of ``config`` (no arrays are created).
 
   ``teacher``: the static teacher's module (built from its export), or None.
   ``steps_per_epoch``: the run's train steps per epoch (turns ``loss.dkd.warmup_epochs`` into steps).
   ``extra_teachers``: ``{name: module}`` of the frozen teachers in ``config.online.teachers``.
+  ``train_labels``: [N] labels of the training split in dataset-index order (CRD's memory bank only).
   """
   gpd = bool(config.gpd.enabled)
   ratio = 0
@@ -263,13 +280,44 @@ def build_task(config, *, num_classes: int, sample_shape: tuple[int, ...],
       raise ValueError(f"config.online.switch.student={student_name!r} must name another network "
                        f"of this run, one of {logit_names}")
     switch = (student_name, teacher_name)
+  feature_objective = _build_feature_objective(config, main, teacher, sample_shape, num_classes,
+                                               steps_per_epoch, train_labels)
   return Task(student=main.student, model=main.model, view_spec=main.view_spec, teacher=teacher,
               teacher_train_mode=bool(config.teacher.get("train_mode", False)),
               objective=make_objective(config.loss, config.gpd if gpd else None,
                                        steps_per_epoch=steps_per_epoch),
               sample_shape=tuple(sample_shape), num_classes=num_classes,
               dropout_seed=int(config.get("seed", 0)), peers=tuple(peers), extra_teachers=extra,
-              terms=terms, switch=switch)
+              terms=terms, switch=switch, feature_objective=feature_objective)
+
+
+def _build_feature_objective(config, main: Network, teacher, sample_shape, num_classes,
+                             steps_per_epoch, train_labels):
+  """``config.features``' objective (``gpd_jax.feature_kd``), or None when no method is set."""
+  features_config = config.get("features") or {}
+  if not features_config.get("method"):
+    return None
+  if teacher is None:
+    raise ValueError(f"config.features.method={features_config.method!r} distils the static "
+                     "teacher's features, but there is no teacher; set config.teacher.name and "
+                     "config.teacher.workdir (or config.features.method='')")
+  targets = []
+  gpd = config.gpd if main.gpd else None
+  if gpd is None or bool(gpd.student_uses_static_kd):
+    targets.append("student")
+  if gpd is not None and bool(gpd.train_dt_loss) and bool(gpd.dt_uses_static_kd):
+    targets.append("dt")
+  if not targets:
+    raise ValueError("config.features: no network gets the feature term (config.gpd."
+                     "student_uses_static_kd and dt_uses_static_kd are both False); turn one on or "
+                     "set config.features.method=''")
+  shapes = {"teacher": feature_kd.feature_shapes(teacher, sample_shape),
+            "student": feature_kd.feature_shapes(main.student, sample_shape)}
+  if "dt" in targets:
+    shapes["dt"] = feature_kd.feature_shapes(main.model, sample_shape)
+  return feature_kd.make_feature_objective(
+      features_config, targets=tuple(targets), shapes=shapes, steps_per_epoch=steps_per_epoch,
+      train_labels=train_labels, num_classes=num_classes, seed=int(config.get("seed", 0)))
 
 
 def _init_network(net: Network, config, tx: optax.GradientTransformation, rng: jax.Array,
@@ -318,4 +366,23 @@ def init_state(task: Task, config, tx: optax.GradientTransformation, rng: jax.Ar
   if task.switch is not None:
     state = state.replace(switch={"expert": jnp.zeros((), jnp.bool_),
                                   "expert_steps": jnp.zeros((), jnp.int32)})
+  if task.feature_objective is not None:
+    state = _init_features(task, tx, state, jax.random.fold_in(rng, FEATURE_RNG_FOLD))
   return state
+
+
+# Folded into the run's key for the feature connectors (peers fold in 1, 2, ...).
+FEATURE_RNG_FOLD = 2**20
+
+
+def _init_features(task: Task, tx: optax.GradientTransformation, state: TrainState,
+                   rng: jax.Array) -> TrainState:
+  """The feature objective's connectors and state, with the main network's optimizer state and
+  EMA widened to cover the connectors."""
+  connectors, feature_state = task.feature_objective.init(rng)
+  state = state.replace(feature_state=feature_state)
+  if connectors is None:
+    return state
+  opt_state = tx.init({"model": state.params, "connectors": connectors["params"]})
+  ema = state.ema if state.ema is None else {**state.ema, "connectors": connectors}
+  return state.replace(connectors=connectors, opt_state=opt_state, ema=ema)

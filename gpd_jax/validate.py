@@ -24,7 +24,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from gpd_jax import checkpoint, data, interop, models, objective, optim, phases, sharding
+from gpd_jax import checkpoint, data, feature_kd, interop, models, objective, optim, phases, sharding
 from gpd_jax.data import pipeline as data_pipeline
 from gpd_jax.state import DTYPES, model_kwargs
 
@@ -150,6 +150,18 @@ FIELDS: dict[str, Field] = {
     "online.camkd_temperature": Field("float", low=0, low_open=True),
     "online.switch.teacher": Field("str", hint="'' = off; else a peer's name"),
     "online.switch.student": Field("str"),
+    "features.method": Field("str", choices=("",) + feature_kd.METHODS, hint="'' = off"),
+    "features.weight": Field("float", 0),
+    "features.warmup_epochs": Field("float", 0, hint="linear ramp of features.weight"),
+    "features.reviewkd.mid_features": Field("int", 0, hint="0 = min(512, the student's deepest width)"),
+    "features.reviewkd.student_preact": Field("bool"),
+    "features.reviewkd.pool_sizes": Field("ints", hint="HCL's pooled sizes, e.g. (4, 2, 1)"),
+    "features.sp.groups": Field("int", 1, hint="SP over this many equal parts of the batch"),
+    "features.fitnet.hint_layer": Field("int", 0, hint="index in [stem, stage_1, ..., stage_N]"),
+    "features.crd.feature_dim": Field("int", 1),
+    "features.crd.num_negatives": Field("int", 1),
+    "features.crd.temperature": Field("float", **_POSITIVE),
+    "features.crd.momentum": Field("float", 0, 1, high_open=True),
     "optim.name": Field("str", choices=optim.OPTIMIZERS),
     "optim.momentum": Field("float", 0, 1, high_open=True),
     "optim.nesterov": Field("bool"),
@@ -328,6 +340,10 @@ def _cross_field_problems(config) -> list[str]:
   if teacher and not get("teacher", "workdir", ""):
     problems.append("config.teacher.workdir is empty: point it to a trained teacher's workdir or "
                     f"export (e.g. a run of a *_ce.py config with model.name={teacher!r})")
+  method = get("features", "method", "")
+  if method and not teacher:
+    problems.append(f"config.features.method={method!r} distils a static teacher's features, but "
+                    "config.teacher.name is empty; name a teacher or set config.features.method=''")
   mesh = config.get("mesh") or {}
   shape, axes = tuple(mesh.get("shape", (-1,))), tuple(mesh.get("axes", ("data",)))
   if len(shape) != len(axes):
@@ -572,6 +588,9 @@ def resume_identity(config, num_classes: int, steps_per_epoch: int, total_steps:
                    "decay_factor": float(schedule.decay_factor) if schedule.name == "step" else 0.0},
       "total_steps": int(total_steps) if schedule.name == "cosine" else None,
   }
+  method = (config.get("features") or {}).get("method", "")
+  if method:  # only then, so checkpoints of runs without feature methods keep their identity
+    identity["features"] = method
   online = config.get("online") or {}
   identity["peers"] = {name: {"model": p.model.name, "gpd_ratio": int(p.get("gpd_ratio", 0) or 0)}
                        for name, p in (online.get("peers") or {}).items()}

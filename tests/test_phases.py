@@ -89,9 +89,9 @@ def test_gpd_labels_apply_to_the_dt_tree_with_branches():
 # Frozen leaves stay bitwise unchanged.
 
 
-def _phase_state_and_step(c, index):
+def _phase_state_and_step(c, index, teacher=None):
   plan = phases.make_plan(c, steps_per_epoch=4)
-  task = build_task(c, num_classes=5, sample_shape=SAMPLE)
+  task = build_task(c, num_classes=5, sample_shape=SAMPLE, teacher=teacher)
   phase, tx = plan[index], phases.make_optimizer(plan[index], 4)
   state = init_state(task, c, tx, jax.random.key(0))
   state = state.replace(phase=phases.initial_phase_state(state, index, phase.start_step))
@@ -106,16 +106,26 @@ def _batches(n, batch=8):
            "label": jnp.asarray(rng.integers(0, 5, size=batch), jnp.int32)} for _ in range(n)]
 
 
-@pytest.mark.parametrize("stage", ["stage2", "head"])
-def test_frozen_params_and_statistics_stay_bitwise_unchanged(stage):
+def _teacher_variables():
+  from gpd_jax import models  # pylint: disable=import-outside-toplevel
+  module = models.create("resnet8", 5, widths=(4, 4, 8, 8))
+  return module, module.init(jax.random.key(1), jnp.zeros(SAMPLE), train=False)
+
+
+@pytest.mark.parametrize("stage,term", [("stage2", "ce"), ("head", "ce"),
+                                        ("stage2", "stage_mse(stage2)")])
+def test_frozen_params_and_statistics_stay_bitwise_unchanged(stage, term):
   # SGD with momentum and weight decay 5e-4, gradient clipping, EMA: none of it may touch a frozen leaf.
-  c = tiny_config(gpd=False, teacher=False)
+  c = tiny_config(gpd=False, teacher=term.startswith("stage_mse"))
   c.num_train_steps = 0
-  c.phases = (config_base.phase(stage, 1, (stage,), ("ce",)),)
-  phase, state, step = _phase_state_and_step(c, 0)
+  c.phases = (config_base.phase(stage, 1, (stage,), (term,)),)
+  teacher, teacher_variables = _teacher_variables() if c.teacher.name else (None, None)
+  phase, state, step = _phase_state_and_step(c, 0, teacher)
   before = jax.device_get((state.params, state.batch_stats))
   for batch in _batches(3):
-    state, metrics = step(state, batch, None)
+    state, metrics = step(state, batch, teacher_variables)
+  if term.startswith("stage_mse"):
+    assert float(metrics["mse_stage2"]) > 0 and "ce_S" not in metrics
   assert np.isfinite(float(metrics["total"]))
   after = jax.device_get((state.params, state.batch_stats))
   for name, tree_before, tree_after in (("params", before[0], after[0]),
@@ -206,12 +216,14 @@ def _kill_after(monkeypatch, kill_step):
 
 
 def _phased_config():
-  c = tiny_config(gpd=False, teacher=False)
+  c = tiny_config(gpd=False, teacher=True)
+  c.loss.base = "ce"
   c.num_train_steps = 0
   c.checkpoint_every_steps = 1
   c.keep_checkpoints = 2
-  c.phases = (config_base.phase("stem+stage1", 0.5, ("stem", "stage1"), ("ce",)),
-              config_base.phase("stage2+3", 0.75, ("stage2", "stage3"), ("ce",), start="best"),
+  c.phases = (config_base.phase("stem+stage1", 0.5, ("stem", "stage1"), ("stage_mse(stage1)",)),
+              config_base.phase("stage2+3", 0.75, ("stage2", "stage3"),
+                                ("stage_mse(stage2)", "stage_mse(stage3)"), start="best"),
               config_base.phase("head", 0.5, ("head",), ("ce",), start="best",
                                 optim={"name": "adamw", "weight_decay": 0.0},
                                 schedule={"name": "constant", "base_lr": 1e-3}))
@@ -229,6 +241,8 @@ def _final(workdir):
 @pytest.mark.parametrize("kill_step", [2, 4])  # 2: the end of phase 0; 4: inside phase 1 (steps 2-5)
 def test_kill_at_and_inside_a_phase_resumes_to_the_same_final_state(tmp_path, monkeypatch, kill_step):
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  for w in (straight, killed):
+    make_teacher(w)
   train.train_and_evaluate(_phased_config(), straight)
   with monkeypatch.context() as m:
     _kill_after(m, kill_step)
@@ -246,7 +260,14 @@ def test_kill_at_and_inside_a_phase_resumes_to_the_same_final_state(tmp_path, mo
   losses_a = {r["step"]: r["total"] for r in read_metrics(straight, "train")}
   losses_b = {r["step"]: r["total"] for r in read_metrics(killed, "train")}
   assert [losses_b[s] for s in range(1, 8)] == [losses_a[s] for s in range(1, 8)]
-  assert [r["phase"] for r in read_metrics(straight, "train")] == [0, 0, 1, 1, 1, 2, 2]
+  records = read_metrics(straight, "train")
+  assert [r["phase"] for r in records] == [0, 0, 1, 1, 1, 2, 2]
+  # Each phase logs its own terms: the stage MSEs, then the head's CE without the teacher.
+  assert "mse_stage1" in records[0] and "ce_S" not in records[0]
+  assert "mse_stage2" in records[2] and "mse_stage3" in records[2]
+  assert "ce_S" in records[-1] and not any(k.startswith("mse_") for k in records[-1])
+  # The phase's best is chosen by validation loss at each evaluation and at the phase's end.
+  assert [(r["step"], r["index"]) for r in read_metrics(straight, "phase")] == [(2, 0), (4, 1), (5, 1)]
 
 
 # ----------------------------------------------------------------------------------------------
