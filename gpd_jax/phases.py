@@ -430,3 +430,30 @@ def phase_task(task, phase: Phase, config):
   return dataclasses.replace(task, objective=objective,
                              teacher=task.teacher if uses_teacher else None,
                              feature_objective=StageMSEObjective(stage_terms) if stage_terms else None)
+
+
+def check_taps(plan, student, teacher, sample_shape) -> None:
+  """Every 'stage_mse' tap has the same shape in the student and the teacher (shapes only).
+
+  Stagewise KD and SSKD compare the stage outputs directly; a student whose stage widths or
+  resolutions differ from the teacher's would need an adapter, which these methods do not have.
+  """
+  if not any(p.needs_features for p in plan):
+    return
+  from gpd_jax import feature_kd  # pylint: disable=import-outside-toplevel
+  shapes = {"student": feature_kd.feature_shapes(student, sample_shape),
+            "teacher": feature_kd.feature_shapes(teacher, sample_shape)}
+  for phase in plan:
+    for term in phase.terms:
+      if term.kind != "stage_mse":
+        continue
+      field = f"config.phases[{phase.index}].terms"
+      try:
+        s, t = (tap(shapes[n], term.tap) for n in ("student", "teacher"))
+      except ValueError as e:
+        raise PhaseConfigError(f"{field}: {e}") from None
+      if s.shape[1:] != t.shape[1:]:
+        raise PhaseConfigError(
+            f"{field}: 'stage_mse({term.tap})' compares the student's tap of shape {s.shape[1:]} "
+            f"with the teacher's {t.shape[1:]}; use a student with the teacher's stage widths "
+            "(e.g. resnet20 -> resnet8/14, resnet34 -> resnet18) or drop the term")

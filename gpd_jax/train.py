@@ -311,6 +311,7 @@ def setup(config, workdir: str, *, training: bool = True) -> Run:
   task = build_task(config, num_classes=info.num_classes, sample_shape=sample_shape,
                     teacher=teacher, steps_per_epoch=steps_per_epoch, extra_teachers=extra_modules)
   plan = phases.make_plan(config, steps_per_epoch)
+  phases.check_taps(plan, task.student, teacher, sample_shape)
   if plan:  # one optimizer (and schedule) per phase, each on the phase's own steps
     phase_txs = tuple(phases.make_optimizer(p, steps_per_epoch) for p in plan)
     phase_schedules = tuple(phases.make_schedule(p, steps_per_epoch) for p in plan)
