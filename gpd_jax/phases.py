@@ -86,6 +86,7 @@ class Phase:
     start_step, num_steps: the global steps ``[start_step, start_step + num_steps)`` it runs.
     train: the path regexes of the trained leaves.
     terms: the objective terms.
+    train_names: the ``train`` entries as written (stage names or regexes), for messages.
     start: 'best' or 'last'.
     optim, schedule: the phase's ``config.optim`` / ``config.schedule`` (overrides applied), frozen
       as sorted item tuples.
@@ -99,6 +100,7 @@ class Phase:
   start: str
   optim: tuple
   schedule: tuple
+  train_names: tuple[str, ...] = ()
 
   @property
   def end_step(self) -> int:
@@ -239,7 +241,8 @@ def make_plan(config, steps_per_epoch: int) -> tuple[Phase, ...]:
                       train=tuple(stage_pattern(t) for t in entry["train"]), terms=terms,
                       start=entry.get("start", "best"),
                       optim=_merged(config.optim, entry.get("optim"), f"{field}.optim"),
-                      schedule=_merged(config.schedule, entry.get("schedule"), f"{field}.schedule")))
+                      schedule=_merged(config.schedule, entry.get("schedule"), f"{field}.schedule"),
+                      train_names=tuple(entry["train"])))
     start += num_steps
   return tuple(plan)
 
@@ -255,10 +258,11 @@ def check_patterns(plan, params) -> None:
   """Every ``train`` entry of every phase matches at least one leaf of ``params``."""
   paths = [leaf_key(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
   for phase in plan:
-    for pattern in phase.train:
+    for name, pattern in zip(phase.train_names or phase.train, phase.train):
       if not any(re.search(pattern, path) for path in paths):
+        shown = repr(name) if name == pattern else f"{name!r} (regex {pattern!r})"
         raise PhaseConfigError(
-            f"config.phases[{phase.index}].train: {pattern!r} matches no parameter of the model "
+            f"config.phases[{phase.index}].train: {shown} matches no parameter of the model "
             f"(paths look like {paths[:3]}); use a stage name or a regex over these paths")
 
 
@@ -433,7 +437,8 @@ def phase_task(task, phase: Phase, config):
 
 
 def check_taps(plan, student, teacher, sample_shape) -> None:
-  """Every 'stage_mse' tap has the same shape in the student and the teacher (shapes only).
+  """Every 'stage_mse' tap exists in the student and has the same shape in the teacher (shapes
+  only; ``teacher`` None checks the student alone).
 
   Stagewise KD and SSKD compare the stage outputs directly; a student whose stage widths or
   resolutions differ from the teacher's would need an adapter, which these methods do not have.
@@ -441,18 +446,19 @@ def check_taps(plan, student, teacher, sample_shape) -> None:
   if not any(p.needs_features for p in plan):
     return
   from gpd_jax import feature_kd  # pylint: disable=import-outside-toplevel
-  shapes = {"student": feature_kd.feature_shapes(student, sample_shape),
-            "teacher": feature_kd.feature_shapes(teacher, sample_shape)}
+  shapes = {"student": feature_kd.feature_shapes(student, sample_shape)}
+  if teacher is not None:
+    shapes["teacher"] = feature_kd.feature_shapes(teacher, sample_shape)
   for phase in plan:
     for term in phase.terms:
       if term.kind != "stage_mse":
         continue
       field = f"config.phases[{phase.index}].terms"
       try:
-        s, t = (tap(shapes[n], term.tap) for n in ("student", "teacher"))
+        s, t = (tap(shapes[n], term.tap) if n in shapes else None for n in ("student", "teacher"))
       except ValueError as e:
-        raise PhaseConfigError(f"{field}: {e}") from None
-      if s.shape[1:] != t.shape[1:]:
+        raise PhaseConfigError(f"{field}: the student's {e}") from None
+      if t is not None and s.shape[1:] != t.shape[1:]:
         raise PhaseConfigError(
             f"{field}: 'stage_mse({term.tap})' compares the student's tap of shape {s.shape[1:]} "
             f"with the teacher's {t.shape[1:]}; use a student with the teacher's stage widths "

@@ -541,16 +541,19 @@ def check_teacher(config, workdir: str, num_classes: int, *, training: bool = Tr
 
 
 def _check_phase_patterns(config, num_classes: int, steps_per_epoch: int) -> None:
-  """Every phase's ``train`` entry names leaves of the student (shapes only, nothing computed)."""
+  """Every phase's ``train`` entry names leaves of the student and its 'stage_mse' taps exist there
+  (shapes only, nothing computed; the teacher's side is checked when it is loaded)."""
   plan = phases.make_plan(config, steps_per_epoch)
   if not plan:
     return
   module = models.create(config.model.name, num_classes, **model_kwargs(config.model))
   info = data.get_dataset_info(config)
   size = config.dataset.get("image_size") or info.image_shape[0]
-  sample = np.zeros((1, int(size), int(size), int(info.image_shape[-1])), np.float32)
-  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), sample, train=False))
+  sample = (1, int(size), int(size), int(info.image_shape[-1]))
+  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), np.zeros(sample, np.float32),
+                                                train=False))
   phases.check_patterns(plan, abstract["params"])
+  phases.check_taps(plan, module, None, sample)
 
 
 def run_steps(config, steps_per_epoch: int) -> int:

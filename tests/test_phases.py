@@ -301,3 +301,86 @@ def test_reduced_data_subset_is_seeded_deterministic_and_recorded(tmp_path):
   c.num_train_steps = 4
   with pytest.raises(checkpoint.CheckpointMismatchError, match="subset_seed"):
     train.train_and_evaluate(c, workdir)
+
+
+def test_a_teacher_with_other_stage_widths_is_refused_with_the_field(tmp_path):
+  workdir = str(tmp_path)
+  make_teacher(workdir)  # resnet8 with widths (4, 4, 8, 8)
+  c = tiny_config(gpd=False)
+  c.loss.base = "ce"
+  c.num_train_steps = 0
+  c.model.kwargs = {"widths": (4, 4, 16, 8)}  # stage 2 twice as wide as the teacher's
+  c.phases = (config_base.phase("s1", 0.5, ("stage1",), ("stage_mse(stage1)",)),
+              config_base.phase("s2", 0.5, ("stage2",), ("stage_mse(stage2)",)))
+  with pytest.raises(phases.PhaseConfigError, match=r"config\.phases\[1\]\.terms: 'stage_mse\(stage2\)' "
+                     r"compares the student's tap of shape \(8, 8, 16\) with the teacher's \(8, 8, 8\)"):
+    train.train_and_evaluate(c, workdir)
+
+
+# ----------------------------------------------------------------------------------------------
+# The configs.
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def _phase_fields(c):
+  return [(p["name"], p["epochs"], tuple(p["train"]), tuple(p["terms"]), p["start"]) for p in c.phases]
+
+
+def test_imagenet_stagewise_kd_is_the_published_recipe():
+  c = train.load_config_file(os.path.join(CONFIG_DIR, "imagenet_stagewise_kd.py"))
+  assert (c.model.name, c.teacher.name, c.teacher.workdir) == ("resnet18", "resnet34", "teacher")
+  assert (c.dataset.name, c.dataset.image_size, c.dataset.augment, c.batch_size) == (
+      "imagenet2012", 224, "imagenet", 64)
+  assert (c.gpd.enabled, c.ema_decay, c.loss.base, c.dataset.train_fraction) == (False, 0.0, "ce", 1.0)
+  # torch.optim.Adam(lr=1e-4): no decay, PyTorch's betas and eps, constant LR, no clipping.
+  assert (c.optim.name, c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay, c.optim.clip_norm) == (
+      "adamw", 0.9, 0.999, 1e-8, 0.0, 0.0)
+  assert (c.schedule.name, c.schedule.base_lr, c.schedule.warmup_epochs) == ("constant", 1e-4, 0.0)
+  assert _phase_fields(c) == [
+      ("stem", 100.0, ("stem",), ("stage_mse(stem)",), "best"),
+      ("stage1", 100.0, ("stage1",), ("stage_mse(stage1)",), "best"),
+      ("stage2", 100.0, ("stage2",), ("stage_mse(stage2)",), "best"),
+      ("stage3", 100.0, ("stage3",), ("stage_mse(stage3)",), "best"),
+      ("stage4", 100.0, ("stage4",), ("stage_mse(stage4)",), "best"),
+      ("head", 100.0, ("head",), ("ce",), "best")]
+  assert all(not p["optim"] and not p["schedule"] for p in c.phases)  # every phase: the same Adam
+  plan = phases.make_plan(c, steps_per_epoch=20018)  # 1,281,167 // 64
+  assert [p.num_steps for p in plan] == [2001800] * 6 and plan[-1].end_step == 6 * 2001800
+  # The head phase reads no teacher; the stage phases read its features.
+  assert [p.needs_features for p in plan] == [True] * 5 + [False]
+  from gpd_jax import models  # pylint: disable=import-outside-toplevel
+  params = jax.eval_shape(lambda: models.create("resnet18", 1000).init(
+      jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))["params"]
+  for phase, expected in zip(plan, ("conv1/", "layer1_", "layer2_", "layer3_", "layer4_", "fc/")):
+    trained = [p for p in paths(params) if phase.is_trained(p)]
+    assert trained and all(p.startswith(expected) or (expected == "conv1/" and p.startswith("bn1/"))
+                           for p in trained), phase.name
+  assert train.load_config_file(os.path.join(CONFIG_DIR, "imagenet_stagewise_kd.py:data20")
+                                ).dataset.train_fraction == 0.2
+
+
+@pytest.mark.parametrize("arg", ["stagewise", "stagewise,data20", "sskd"])
+def test_fashion_mnist_stagewise_configs(arg):
+  c = train.load_config_file(os.path.join(CONFIG_DIR, f"fashion_mnist_stagewise.py:{arg}"))
+  assert (c.model.name, c.teacher.name, c.loss.base, c.gpd.enabled) == ("resnet8", "resnet20", "ce", False)
+  assert sum(p["epochs"] for p in c.phases) == pytest.approx(3.0)  # the protocol's student budget
+  assert c.dataset.train_fraction == (0.2 if "data20" in arg else 1.0)
+  if arg.startswith("stagewise"):
+    assert _phase_fields(c) == [(s, 0.5, (s,), (f"stage_mse({s})",), "best")
+                                for s in ("stem", "stage1", "stage2", "stage3")] + [
+                                    ("head", 1.0, ("head",), ("ce",), "best")]
+    assert all(p["optim"] == {"name": "adamw", "weight_decay": 0.0, "clip_norm": 0.0} and
+               p["schedule"]["base_lr"] == 1e-3 for p in c.phases)
+  else:
+    assert [(f[0], f[2], f[3], f[4]) for f in _phase_fields(c)] == [
+        ("stem+stage1", ("stem", "stage1"), ("stage_mse(stage1)",), "last"),
+        ("stage2", ("stage2",), ("stage_mse(stage2)",), "last"),
+        ("stage3", ("stage3",), ("stage_mse(stage3)",), "last"),
+        ("head", ("head",), ("ce",), "last")]
+    assert all(not p["optim"] for p in c.phases) and c.optim.name == "sgd"
+  # The student's stage widths are the teacher's: every tap lines up.
+  plan = phases.make_plan(c, steps_per_epoch=78)
+  from gpd_jax import models  # pylint: disable=import-outside-toplevel
+  phases.check_taps(plan, models.create("resnet8", 10), models.create("resnet20", 10), (1, 28, 28, 1))
