@@ -83,8 +83,8 @@ def main(argv=None):
   timings = {}
   _train_once(teacher_config(args), os.path.join(args.root, "teacher"), timings, "teacher")
   runs = {}
-  for method in methods:
-    for seed in seeds:
+  for seed in seeds:  # seed-major: an interrupted sweep has every method at the first seeds
+    for method in methods:
       name = f"{method}_seed{seed}"
       workdir = os.path.join(args.root, name)
       _train_once(method_config(args, method, seed), workdir, timings, name)
