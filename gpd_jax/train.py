@@ -384,8 +384,7 @@ def setup(config, workdir: str, *, training: bool = True) -> Run:
 def _jit_steps(config, run: Run):
   """``(train_step, eval_step)``; a multi-phase run's ``train_step`` is the current phase's."""
   replicated = NamedSharding(run.mesh, P())
-  teacher_shardings = (None if run.teacher_variables is None else
-                       jax.tree.map(lambda _: replicated, run.teacher_variables))
+  teacher_shardings = _teacher_shardings(run)
   if run.plan:
     train_step = _jit_phase_step(config, run, int(run.state.phase["index"]))
   else:

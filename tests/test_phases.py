@@ -112,24 +112,28 @@ def _teacher_variables():
   return module, module.init(jax.random.key(1), jnp.zeros(SAMPLE), train=False)
 
 
-@pytest.mark.parametrize("stage,term", [("stage2", "ce"), ("head", "ce"),
-                                        ("stage2", "stage_mse(stage2)")])
-def test_frozen_params_and_statistics_stay_bitwise_unchanged(stage, term):
+@pytest.mark.parametrize("stage,term,gpd", [("stage2", "ce", False), ("head", "ce", False),
+                                            ("stage2", "stage_mse(stage2)", False),
+                                            ("stage2", "base", True)])
+def test_frozen_params_and_statistics_stay_bitwise_unchanged(stage, term, gpd):
   # SGD with momentum and weight decay 5e-4, gradient clipping, EMA: none of it may touch a frozen leaf.
-  c = tiny_config(gpd=False, teacher=term.startswith("stage_mse"))
+  # With GPD the labels apply to the DT's tree (OREPA branches included) and to both BN statistics.
+  c = tiny_config(gpd=gpd, branches=gpd, teacher=term.startswith("stage_mse"))
   c.num_train_steps = 0
   c.phases = (config_base.phase(stage, 1, (stage,), (term,)),)
   teacher, teacher_variables = _teacher_variables() if c.teacher.name else (None, None)
   phase, state, step = _phase_state_and_step(c, 0, teacher)
-  before = jax.device_get((state.params, state.batch_stats))
+  collections = ("params", "batch_stats") + (("student_batch_stats",) if gpd else ())
+  before = jax.device_get([getattr(state, name) for name in collections])
   for batch in _batches(3):
     state, metrics = step(state, batch, teacher_variables)
   if term.startswith("stage_mse"):
     assert float(metrics["mse_stage2"]) > 0 and "ce_S" not in metrics
+  if gpd:
+    assert "sce_S" in metrics and "ce_D" in metrics  # the GPD objective
   assert np.isfinite(float(metrics["total"]))
-  after = jax.device_get((state.params, state.batch_stats))
-  for name, tree_before, tree_after in (("params", before[0], after[0]),
-                                        ("batch_stats", before[1], after[1])):
+  after = jax.device_get([getattr(state, name) for name in collections])
+  for name, tree_before, tree_after in zip(collections, before, after):
     flat_before = dict(zip(paths(tree_before), jax.tree.leaves(tree_before)))
     flat_after = dict(zip(paths(tree_after), jax.tree.leaves(tree_after)))
     trained = [p for p in flat_before if phase.is_trained(p)]
