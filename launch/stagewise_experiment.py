@@ -73,6 +73,8 @@ def main(argv=None):
   p.add_argument("--teacher_epochs", type=float, default=None, help="teacher epochs (default: its config's)")
   p.add_argument("--num_train_examples", type=int, default=0, help="cap on the train images (0: all)")
   p.add_argument("--runlocal", action="store_true", help="shrink every run like the configs' :runlocal")
+  p.add_argument("--summary_only", action="store_true",
+                 help="train nothing: summarise the runs under --root that have finished")
   args = p.parse_args(argv)
   methods = args.methods.split(",")
   bad = [m for m in methods if m not in METHODS]
@@ -81,14 +83,19 @@ def main(argv=None):
   seeds = [int(s) for s in args.seeds.split(",")]
   os.makedirs(args.root, exist_ok=True)
   timings = {}
-  _train_once(teacher_config(args), os.path.join(args.root, "teacher"), timings, "teacher")
-  runs = {}
+  if not args.summary_only:
+    _train_once(teacher_config(args), os.path.join(args.root, "teacher"), timings, "teacher")
+  runs, seeds_done = {}, {}
   for seed in seeds:  # seed-major: an interrupted sweep has every method at the first seeds
     for method in methods:
       name = f"{method}_seed{seed}"
       workdir = os.path.join(args.root, name)
-      _train_once(method_config(args, method, seed), workdir, timings, name)
+      if not args.summary_only:
+        _train_once(method_config(args, method, seed), workdir, timings, name)
+      elif not os.path.isfile(os.path.join(workdir, "export", "model.json")):
+        continue
       runs.setdefault(method, []).append(summarize(workdir))
+      seeds_done.setdefault(method, []).append(seed)
   teacher = summarize(os.path.join(args.root, "teacher"))
   table = ["| method | last val top-1 | best val top-1 | test top-1 (final model) |", "|---|---|---|---|",
            f"| static teacher (resnet20) | {teacher['last_val']:.2f} | {teacher['best_val']:.2f} | "
@@ -100,12 +107,12 @@ def main(argv=None):
       values = np.array([r[key] for r in results])
       row[key] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
     stats[method] = row
-    table.append(f"| {method} | " + " | ".join(f"{row[k][0]:.2f} ± {row[k][1]:.2f}"
-                                                  for k in ("last_val", "best_val", "test")) + " |")
+    table.append(f"| {method} (seeds {seeds_done[method]}) | " + " | ".join(
+        f"{row[k][0]:.2f} ± {row[k][1]:.2f}" for k in ("last_val", "best_val", "test")) + " |")
   print("\n".join(table))
   with open(os.path.join(args.root, "summary.json"), "w") as f:
-    json.dump({"args": vars(args), "teacher": teacher, "runs": runs, "stats": stats,
-               "wall_seconds": timings}, f, indent=2)
+    json.dump({"args": vars(args), "teacher": teacher, "runs": runs, "seeds": seeds_done,
+               "stats": stats, "wall_seconds": timings}, f, indent=2)
 
 
 if __name__ == "__main__":
