@@ -280,10 +280,15 @@ def keep_frozen(phase: Phase, old, new):
       lambda path, o, n: n if phase.is_trained(leaf_key(path)) else o, old, new)
 
 
+def _local_schedule(phase: Phase, steps_per_epoch: int) -> optax.Schedule:
+  """The phase's learning rate as a function of its own step (0 at its first step)."""
+  return optim.make_schedule(ml_collections.ConfigDict(dict(phase.schedule)),
+                             steps_per_epoch=steps_per_epoch, total_steps=phase.num_steps)
+
+
 def make_schedule(phase: Phase, steps_per_epoch: int) -> optax.Schedule:
-  """The phase's learning rate as a function of the GLOBAL step (it runs over the phase's steps)."""
-  local = optim.make_schedule(ml_collections.ConfigDict(dict(phase.schedule)),
-                              steps_per_epoch=steps_per_epoch, total_steps=phase.num_steps)
+  """The phase's learning rate as a function of the GLOBAL step (for the logs)."""
+  local = _local_schedule(phase, steps_per_epoch)
   return lambda step: local(step - phase.start_step)
 
 
@@ -292,9 +297,8 @@ def make_optimizer(phase: Phase, steps_per_epoch: int) -> optax.GradientTransfor
 
   The inner optimizer's schedule counts from its own ``init``, i.e. from the phase's first step.
   """
-  local = optim.make_schedule(ml_collections.ConfigDict(dict(phase.schedule)),
-                              steps_per_epoch=steps_per_epoch, total_steps=phase.num_steps)
-  inner = optim.make_optimizer(ml_collections.ConfigDict(dict(phase.optim)), local)
+  inner = optim.make_optimizer(ml_collections.ConfigDict(dict(phase.optim)),
+                               _local_schedule(phase, steps_per_epoch))
   return optax.multi_transform({"train": inner, "frozen": optax.set_to_zero()},
                                lambda params: labels(phase, params))
 
