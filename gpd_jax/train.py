@@ -674,6 +674,8 @@ def _select_phase_best(loop: LoopContext, state, index: int, step: int):
 def _evaluate_splits(loop: LoopContext, state, step: int, splits: dict, kind: str) -> dict:
   """``{name: metrics}`` of ``state`` on ``splits``, written as ``<kind>/<name>`` records."""
   results = {}
+  if loop.run.plan:  # the weights only: one eval step for every phase's optimizer structure
+    state = state.replace(opt_state=None, phase=None)
   for name, split in splits.items():
     metrics = evaluate(loop.config, split, loop.eval_step, state, loop.run.teacher_variables,
                        loop.run.batch_sharding,
