@@ -35,7 +35,7 @@ from gpd_jax import models
 # checkpoint's info is not compared.
 MODEL_IDENTITY_FIELDS = ("model", "num_classes", "gpd", "ratio", "branches", "ema", "peers", "switch")
 RUN_IDENTITY_FIELDS = MODEL_IDENTITY_FIELDS + ("batch_size", "dataset", "steps_per_epoch",
-                                               "schedule", "total_steps")
+                                               "schedule", "total_steps", "phases")
 
 
 class CheckpointMismatchError(ValueError):
@@ -236,6 +236,8 @@ class Checkpointer:
 
   def _restore_step(self, step: int, abstract_state):
     info = self.read_info(step)
+    if callable(abstract_state):  # the target depends on what the step holds (a phased run's phase)
+      abstract_state = abstract_state(info)
     try:
       with ocp.StandardCheckpointer() as reader:
         metadata = reader.metadata(os.path.join(self._step_dir(step), "state"))
@@ -277,6 +279,9 @@ class Checkpointer:
 
   def restore_latest(self, abstract_state, run_identity: dict, *, identity_fields=None):
     """``(state, data_state, info)`` of the newest intact step, or None when there is no step.
+
+    ``abstract_state``: the target (shapes, dtypes, shardings), or a function of a step's ``info``
+    returning it (a multi-phase run's optimizer state has the structure of the step's phase).
 
     A damaged step (unreadable, non-finite, or not matching its fingerprint) is reported and, unless
     read-only, moved aside; the next older step is tried.

@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.ema_decay = 0.0  # 0 = no EMA; the GPD ImageNet recipe uses 0.99996 per step
   c.select_metric = "top1_S"  # the 'best' metric reported at the end (first eval split)
+  # Multi-phase runs (gpd_jax/phases.py): a tuple of phase(...) dicts; () = one ordinary phase. With
+  # phases the run's length is the sum of their epochs (num_epochs is not read).
+  c.phases = ()
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "resnet8"
@@ -165,6 +168,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.mixup_switch_prob = 0.5  # probability of CutMix when both alphas are > 0
   c.dataset.num_train_examples = config_dict.placeholder(int)  # cap (None = all)
   c.dataset.num_eval_examples = config_dict.placeholder(int)
+  c.dataset.train_fraction = 1.0  # reduced data: train on a seeded random fraction of the train split
+  c.dataset.subset_seed = 0  # the seed of that subset (recorded in <workdir>/train_subset.json)
   c.dataset.worker_count = 0
   c.dataset.num_threads = 2
   c.dataset.prefetch_buffer_size = 2
@@ -197,6 +202,19 @@ def frozen_teacher(name: str, workdir: str, *, config: str = "",
   """An extra frozen teacher (``config.online.teachers.<key>``), read like ``config.teacher``."""
   return ml_collections.ConfigDict({"name": name, "workdir": workdir, "config": config,
                                     "train_mode": train_mode, "model": {"dtype": "float32"}})
+
+
+def phase(name: str, epochs: float, train, terms, *, start: str = "best", optim=None,
+          schedule=None) -> dict:
+  """One entry of ``config.phases`` (see gpd_jax/phases.py for every key).
+
+  ``train``: stage names ('stem', 'stage1', ..., 'head', 'all') or path regexes of the leaves the
+  phase trains; ``terms``: its objective ('base', 'ce', 'stage_mse(<tap>)'); ``start``: 'best' (the
+  previous phase's weights with the lowest validation loss) or 'last'; ``optim`` / ``schedule``:
+  overrides of config.optim / config.schedule for this phase.
+  """
+  return {"name": name, "epochs": float(epochs), "train": tuple(train), "terms": tuple(terms),
+          "start": start, "optim": dict(optim or {}), "schedule": dict(schedule or {})}
 
 
 def shrink_for_local_run(c, *, num_train_examples=1024, num_eval_examples=256, batch_size=64,

@@ -133,6 +133,9 @@ class TrainState:
       ``params`` by one optax chain over ``{'model': params, 'connectors': connectors['params']}``,
       EMA'd under ``ema['connectors']``, never exported), or None.
     feature_state: the feature objective's non-trainable state (CRD's memory banks), or None.
+    phase: a multi-phase run's ``{'index': int32, 'start': int32 (its first step), 'best_loss':
+      float32, 'best': {'params', 'batch_stats', 'student_batch_stats'}}`` (the current phase and its
+      weights with the lowest validation loss so far; ``gpd_jax/phases.py``), or None.
   """
   step: jax.Array
   params: Any
@@ -145,6 +148,7 @@ class TrainState:
   switch: Any = None
   connectors: Any = None
   feature_state: Any = None
+  phase: Any = None
 
   def network(self, name: str) -> "NetworkState":
     """The state of trained network ``name`` (``'student'``: the main network's fields above)."""

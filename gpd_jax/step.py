@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gpd_jax import losses, mixup, online_losses
+from gpd_jax import losses, mixup, online_losses, phases
 from gpd_jax.state import Network, NetworkState, Task, TrainState
 from gpd_jax.transforms import student_view
 
@@ -170,8 +170,11 @@ def _update_network(tx, ema_decay: float, net: NetworkState, grads, new_stats,
 
 
 def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    ema_decay: float, *, mix: mixup.MixupSpec | None = None):
+                    ema_decay: float, *, mix: mixup.MixupSpec | None = None, phase=None):
   """``train_step(state, batch, teacher_variables) -> (state, metrics)``.
+
+  ``phase``: a multi-phase run's current :class:`gpd_jax.phases.Phase`; the BatchNorm statistics of
+  the modules it freezes then keep their values (``tx`` zeroes their parameters' updates).
 
   ``batch``: ``{'image': [B, H, W, C], 'label': int [B]}``; ``teacher_variables``: see the module
   docstring. ``mix``: mixup/cutmix of the global batch (``gpd_jax/mixup.py``) before any forward,
@@ -242,6 +245,11 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
     if mix is not None:
       metrics.update(mix_lam=mix_info["lam"], mix_cutmix=mix_info["cutmix"].astype(jnp.float32))
     new_state = state.replace(step=state.step + 1)
+    if phase is not None:
+      main = state.network("student")
+      batch_stats, student_batch_stats = new_stats["student"]
+      new_stats["student"] = (phases.keep_frozen(phase, main.batch_stats, batch_stats),
+                              phases.keep_frozen(phase, main.student_batch_stats, student_batch_stats))
     if feature_out is not None:
       new_state = new_state.replace(feature_state=feature_out[1])
       if state.connectors is not None:
@@ -269,6 +277,27 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
     return new_state, metrics
 
   return train_step
+
+
+def make_phase_loss_step(task: Task, phase):
+  """``loss_step(state, batch, teacher_variables) -> {'count', 'loss'}``: the sum over the real
+  (mask 1) examples of ``phase``'s per-example loss, eval-mode BatchNorm (the phase's validation
+  loss, :func:`gpd_jax.phases.validation_loss_sums`)."""
+  with_features = phase.needs_features
+
+  def loss_step(state: TrainState, batch, teacher_variables):
+    images, labels, mask = batch["image"], batch["label"], batch["mask"]
+    variables, student_batch_stats = state.variables("raw")
+    _, teacher_features = frozen_outputs(task, teacher_variables, images, train=False,
+                                         with_features=with_features)
+    out = forward_network(task.networks[0], variables["params"], variables.get("consts"),
+                          variables["batch_stats"], student_batch_stats, images, train=False,
+                          with_features=with_features)
+    features = {**teacher_features, **out[2]} if with_features else None
+    return {"count": jnp.sum(mask),
+            "loss": phases.validation_loss_sums(phase, out[0], labels, mask, features)}
+
+  return loss_step
 
 
 def make_eval_step(task: Task):

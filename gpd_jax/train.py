@@ -11,6 +11,7 @@ dkd or dist and ``gpd.enabled``); GPD from scratch (``loss.base='ce'``, no teach
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -23,11 +24,11 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gpd_jax import checkpoint, data, interop, losses, mixup, optim, report, sharding, validate
+from gpd_jax import checkpoint, data, interop, losses, mixup, optim, phases, report, sharding, validate
 from gpd_jax.metric_writer import MetricWriter
 from gpd_jax.progress import Progress
 from gpd_jax.state import Task, TrainState, build_task, init_state, model_kwargs
-from gpd_jax.step import make_eval_step, make_train_step
+from gpd_jax.step import make_eval_step, make_phase_loss_step, make_train_step
 from gpd_jax.transforms import export_student
 
 CONFIG_FILE = "config.json"  # the run's config, saved in its workdir
@@ -253,6 +254,10 @@ class Run:
     best: best value so far of each top-1/top-5/agreement metric (first eval split).
     best_step: the step at which ``config.select_metric`` was best, or None.
     last_evals: the latest ``{split: metrics}`` of the eval splits.
+    plan: a multi-phase run's phases (``gpd_jax/phases.py``), else ().
+    phase_txs, phase_schedules: each phase's optimizer and schedule (``tx``/``schedule`` are the
+      current phase's; ``state_shardings`` too).
+    phase_targets: ``phase_targets(k) -> (abstract state, shardings)`` of phase k's state.
   """
   mesh: Any
   batch_sharding: Any
@@ -272,6 +277,10 @@ class Run:
   best: dict
   best_step: int | None = None
   last_evals: dict = dataclasses.field(default_factory=dict)
+  plan: tuple = ()
+  phase_txs: tuple = ()
+  phase_schedules: tuple = ()
+  phase_targets: Callable | None = None
 
 
 def setup(config, workdir: str, *, training: bool = True) -> Run:
@@ -285,7 +294,7 @@ def setup(config, workdir: str, *, training: bool = True) -> Run:
   info = data.get_dataset_info(config)
   sample_shape = _sample_shape(config, info)
   steps_per_epoch = data.steps_per_epoch(config)
-  total_steps = config.get("num_train_steps") or int(round(config.num_epochs * steps_per_epoch))
+  total_steps = validate.run_steps(config, steps_per_epoch)
   train_iter = None
   if training:
     train_iter = data.create_train_iterator(config, process_index=jax.process_index(),
@@ -305,35 +314,64 @@ def setup(config, workdir: str, *, training: bool = True) -> Run:
   task = build_task(config, num_classes=info.num_classes, sample_shape=sample_shape,
                     teacher=teacher, steps_per_epoch=steps_per_epoch, extra_teachers=extra_modules,
                     train_labels=labels)
-  schedule = optim.make_schedule(config.schedule, steps_per_epoch=steps_per_epoch,
-                                 total_steps=total_steps)
-  tx = optim.make_optimizer(config.optim, schedule)
+  plan = phases.make_plan(config, steps_per_epoch)
+  phases.check_taps(plan, task.student, teacher, sample_shape)
+  if plan:  # one optimizer (and schedule) per phase, each on the phase's own steps
+    phase_txs = tuple(phases.make_optimizer(p, steps_per_epoch) for p in plan)
+    phase_schedules = tuple(phases.make_schedule(p, steps_per_epoch) for p in plan)
+    schedule, tx = phase_schedules[0], phase_txs[0]
+  else:
+    phase_txs, phase_schedules = (), ()
+    schedule = optim.make_schedule(config.schedule, steps_per_epoch=steps_per_epoch,
+                                   total_steps=total_steps)
+    tx = optim.make_optimizer(config.optim, schedule)
 
   # State: restored into sharded abstract targets, or born sharded.
   pretrained = None  # (plain student, {peer: plain variables}) to start from
   if training:
     pretrained = (load_pretrained_student(config, workdir, task, mesh),
                   load_pretrained_peers(config, workdir, task, mesh))
-  init_fn = lambda rng, start: init_state(task, config, tx, rng, *(start or (None, None)))
+
+  def init_fn(rng, start, phase_index=0):
+    if not plan:
+      return init_state(task, config, tx, rng, *(start or (None, None)))
+    # Phase k's state has phase k's optimizer structure; a fresh run is in phase 0.
+    state = init_state(task, config, phase_txs[phase_index], rng, *(start or (None, None)))
+    return state.replace(phase=phases.initial_phase_state(state, phase_index,
+                                                          plan[phase_index].start_step))
+
   # RBG keys: XLA:CPU compiles threefry-based initialisers of a whole network very slowly (a tiny
   # GPD init: ~60 s with threefry vs ~10 s with RBG); the init is deterministic either way.
   rng = jax.random.key(config.seed, impl="rbg")
-  abstract = jax.eval_shape(init_fn, rng, pretrained)
-  state_shardings = sharding.tree_shardings(mesh, abstract, config.mesh.get("param_rules", ()))
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_shardings)
+
+  def targets(phase_index=0):
+    abstract = jax.eval_shape(functools.partial(init_fn, phase_index=phase_index), rng, pretrained)
+    shardings = sharding.tree_shardings(mesh, abstract, config.mesh.get("param_rules", ()))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    return abstract, shardings
+
+  abstract, state_shardings = targets()
+  if plan:
+    phases.check_patterns(plan, abstract.params)
   # Evaluation only reads: it never moves a damaged step aside, and needs the same model only.
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  keep=config.get("keep_checkpoints", 3), read_only=not training)
   identity = run_identity(config, info.num_classes, steps_per_epoch, total_steps)
+  # A phased checkpoint holds its phase's optimizer structure: read the phase first.
+  target = (lambda ckpt_info: targets(int(ckpt_info.get("phase", 0)))[0]) if plan else abstract
   restored = ckpt.restore_latest(
-      abstract, identity, identity_fields=None if training else checkpoint.MODEL_IDENTITY_FIELDS)
+      target, identity, identity_fields=None if training else checkpoint.MODEL_IDENTITY_FIELDS)
   best, best_step, state = {}, None, None
   if restored is not None:
     state, data_state, ckpt_info = restored
     if training:
       train_iter.set_state(data_state)
     best, best_step = ckpt_info.get("best", {}), ckpt_info.get("best_step")
+    if plan:
+      phase_index = int(state.phase["index"])
+      schedule, tx = phase_schedules[phase_index], phase_txs[phase_index]
+      state_shardings = targets(phase_index)[1]
     if jax.process_index() == 0:
       print(f"gpd_jax: {'resuming from' if training else 'evaluating'} step {int(state.step)} in "
             f"{ckpt.directory}", flush=True)
@@ -343,21 +381,73 @@ def setup(config, workdir: str, *, training: bool = True) -> Run:
              sample_shape=sample_shape, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
              train_iter=train_iter, task=task, teacher_variables=teacher_variables,
              schedule=schedule, tx=tx, state=state, state_shardings=state_shardings, ckpt=ckpt,
-             identity=identity, best=best, best_step=best_step)
+             identity=identity, best=best, best_step=best_step, plan=plan, phase_txs=phase_txs,
+             phase_schedules=phase_schedules, phase_targets=targets if plan else None)
 
 
 def _jit_steps(config, run: Run):
+  """``(train_step, eval_step)``; a multi-phase run's ``train_step`` is the current phase's."""
   replicated = NamedSharding(run.mesh, P())
-  teacher_shardings = (None if run.teacher_variables is None else
-                       jax.tree.map(lambda _: replicated, run.teacher_variables))
-  mix = mixup.mixup_spec(config, run.num_classes)
-  train_step = jax.jit(make_train_step(run.task, run.tx, run.schedule, config.ema_decay, mix=mix),
-                       in_shardings=(run.state_shardings, run.batch_sharding, teacher_shardings),
-                       out_shardings=(run.state_shardings, replicated), donate_argnums=(0,))
+  teacher_shardings = _teacher_shardings(run)
+  if run.plan:
+    train_step = _jit_phase_step(config, run, int(run.state.phase["index"]))
+  else:
+    mix = mixup.mixup_spec(config, run.num_classes)
+    train_step = jax.jit(make_train_step(run.task, run.tx, run.schedule, config.ema_decay, mix=mix),
+                         in_shardings=(run.state_shardings, run.batch_sharding, teacher_shardings),
+                         out_shardings=(run.state_shardings, replicated), donate_argnums=(0,))
+  # A phased state changes its optimizer structure between phases: its eval step takes the state's
+  # shardings as they come (it reads the weights only).
   eval_step = jax.jit(make_eval_step(run.task),
-                      in_shardings=(run.state_shardings, run.batch_sharding, teacher_shardings),
+                      in_shardings=(None if run.plan else run.state_shardings, run.batch_sharding,
+                                    teacher_shardings),
                       out_shardings=replicated)
   return train_step, eval_step
+
+
+def _teacher_shardings(run: Run):
+  replicated = NamedSharding(run.mesh, P())
+  return (None if run.teacher_variables is None else
+          jax.tree.map(lambda _: replicated, run.teacher_variables))
+
+
+def _jit_phase_step(config, run: Run, index: int):
+  """Phase ``index``'s jitted train step (its objective, optimizer and state structure)."""
+  phase = run.plan[index]
+  shardings = run.phase_targets(index)[1]
+  step = make_train_step(phases.phase_task(run.task, phase, config), run.phase_txs[index],
+                         run.phase_schedules[index], config.ema_decay, phase=phase)
+  return jax.jit(step, in_shardings=(shardings, run.batch_sharding, _teacher_shardings(run)),
+                 out_shardings=(shardings, NamedSharding(run.mesh, P())), donate_argnums=(0,))
+
+
+def _enter_phase(run: Run, state, index: int):
+  """``state`` moved into phase ``index`` (:func:`gpd_jax.phases.enter`), sharded for it."""
+  shardings = run.phase_targets(index)[1]
+  enter = functools.partial(phases.enter, phase=run.plan[index], tx=run.phase_txs[index])
+  return jax.jit(enter, out_shardings=shardings, donate_argnums=(0,))(state)
+
+
+def _phase_validation_loss(loop: "LoopContext", state, index: int) -> float:
+  """Phase ``index``'s mean per-example loss on the first eval split (eval-mode BatchNorm)."""
+  run = loop.run
+  eval_splits = dict(loop.config.dataset.get("eval_splits", {}) or {})
+  split = next(iter(eval_splits.values()))
+  if index not in loop.phase_loss_steps:
+    loss_step = make_phase_loss_step(phases.phase_task(run.task, run.plan[index], loop.config),
+                                     run.plan[index])
+    loop.phase_loss_steps[index] = jax.jit(
+        loss_step, in_shardings=(run.phase_targets(index)[1], run.batch_sharding,
+                                 _teacher_shardings(run)),
+        out_shardings=NamedSharding(run.mesh, P()))
+  loss_step = loop.phase_loss_steps[index]
+  totals = None
+  for batch in data.create_eval_iterator(loop.config, split, process_index=jax.process_index(),
+                                         process_count=jax.process_count()):
+    sums = loss_step(state, sharding.shard_batch(batch, run.batch_sharding), run.teacher_variables)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  return float(totals["loss"]) / float(totals["count"])
 
 
 def evaluate_checkpoint(config, workdir: str, splits: dict | None = None) -> dict:
@@ -428,12 +518,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   is_main = jax.process_index() == 0
   if is_main:
     save_config(config, workdir)
+    save_train_subset(config, workdir)
   train_step, eval_step = _jit_steps(config, run)
   writer = MetricWriter(workdir, enabled=is_main)
   progress = Progress(run.total_steps, int(run.state.step), enabled=is_main)
   loop = LoopContext(config=config, run=run, workdir=workdir, train_step=train_step,
                      eval_step=eval_step, writer=writer, progress=progress,
-                     cadence=Cadence.from_config(config, run.steps_per_epoch, run.total_steps))
+                     cadence=Cadence.from_config(config, run.steps_per_epoch, run.total_steps,
+                                                 run.plan))
   if is_main:
     print(_run_header(config, run, workdir), flush=True)
   try:
@@ -462,17 +554,18 @@ class Cadence:
   eval_every: int
   checkpoint_every: int
   total_steps: int
+  phase_ends: tuple[int, ...] = ()  # a multi-phase run also checkpoints at the end of each phase
 
   @classmethod
-  def from_config(cls, config, steps_per_epoch: int, total_steps: int) -> "Cadence":
+  def from_config(cls, config, steps_per_epoch: int, total_steps: int, plan=()) -> "Cadence":
     eval_every = int(config.get("eval_every_epochs", 1) * steps_per_epoch) or steps_per_epoch
     return cls(log_every=max(1, int(config.get("log_every_steps", 50))),
                eval_every=max(1, eval_every),
                checkpoint_every=max(1, int(config.get("checkpoint_every_steps") or steps_per_epoch)),
-               total_steps=total_steps)
+               total_steps=total_steps, phase_ends=tuple(p.end_step for p in plan))
 
   def checkpoint_due(self, step: int) -> bool:
-    return step % self.checkpoint_every == 0 or step == self.total_steps
+    return step % self.checkpoint_every == 0 or step == self.total_steps or step in self.phase_ends
 
   def eval_due(self, step: int) -> bool:
     return step % self.eval_every == 0 or step == self.total_steps
@@ -493,26 +586,39 @@ class LoopContext:
   writer: MetricWriter
   progress: Progress
   cadence: Cadence
+  phase_loss_steps: dict = dataclasses.field(default_factory=dict)  # phase -> jitted val-loss sums
 
 
 def _train_loop(loop: LoopContext):
   """Steps from the state's step to ``total_steps``: logs, evaluates (exporting the best student)
-  and checkpoints on the loop's cadence. Returns the final state."""
+  and checkpoints on the loop's cadence. A multi-phase run enters each phase at its first step (see
+  :func:`gpd_jax.phases.enter`), tracks the phase's best weights by validation loss, and checkpoints
+  at each phase's end. Returns the final state."""
   config, run, progress, cadence = loop.config, loop.run, loop.progress, loop.cadence
   state = run.state
   step = first_step = int(state.step)
+  train_step = loop.train_step
+  phase_index = int(state.phase["index"]) if run.plan else None
   pending = []  # per-step metrics not yet fetched: fetching every step would stall dispatch
   window_first_step, untimed_steps = step, 0
   while step < cadence.total_steps:
+    if run.plan and step == run.plan[phase_index].end_step:
+      # A phase boundary (also right after a resume from the previous phase's last checkpoint).
+      phase_index += 1
+      state = _enter_phase(run, state, phase_index)
+      train_step = _jit_phase_step(config, run, phase_index)
+      first_step = step  # the new step compiles: time it apart
+      progress.write(f"step {step}: phase {phase_index} ({run.plan[phase_index].name}) starts from "
+                     f"the {run.plan[phase_index].start} weights of the previous phase")
     batch = sharding.shard_batch(next(run.train_iter), run.batch_sharding)
     if step == first_step:
       # The first call compiles; time it apart so throughput counts training alone.
       with progress.timed("compiling the train step (the first step waits for it)"):
-        state, metrics = loop.train_step(state, batch, run.teacher_variables)
+        state, metrics = train_step(state, batch, run.teacher_variables)
         jax.block_until_ready(metrics)
-      untimed_steps = 1
+      untimed_steps += 1
     else:
-      state, metrics = loop.train_step(state, batch, run.teacher_variables)
+      state, metrics = train_step(state, batch, run.teacher_variables)
     pending.append(metrics)
     progress.dispatched(metrics)
     step += 1
@@ -525,23 +631,56 @@ def _train_loop(loop: LoopContext):
         means["images_per_sec"] = timed_steps * config.batch_size / seconds
         means["seconds_per_step"] = seconds / timed_steps
       means["epoch"] = step / run.steps_per_epoch
+      if run.plan:
+        means["phase"] = phase_index
       loop.writer.write(step, "train", means)
       progress.log(step, means, epoch=means["epoch"])
       pending, window_first_step, untimed_steps = [], step, 0
     if cadence.eval_due(step):
       progress.wait_all()
       _evaluate_and_select(loop, state, step)
+    if run.plan and _phase_best_due(run, phase_index, step, cadence):
+      progress.wait_all()
+      state = _select_phase_best(loop, state, phase_index, step)
     if cadence.checkpoint_due(step):
       with progress.paused():
-        run.ckpt.save(step, state, run.train_iter.get_state(),
-                      {"run": run.identity, "best": run.best, "best_step": run.best_step,
-                       "epoch": step / run.steps_per_epoch})
+        info = {"run": run.identity, "best": run.best, "best_step": run.best_step,
+                "epoch": step / run.steps_per_epoch}
+        if run.plan:
+          info["phase"] = phase_index  # read before the state: it fixes the optimizer's structure
+        run.ckpt.save(step, state, run.train_iter.get_state(), info)
   return state
+
+
+def _phase_best_due(run: Run, index: int, step: int, cadence: Cadence) -> bool:
+  """Whether to measure phase ``index``'s validation loss at ``step``: when the next phase starts
+  from the best weights, at each evaluation and at the phase's last step."""
+  following = run.plan[index + 1] if index + 1 < len(run.plan) else None
+  if following is None or following.start != "best":
+    return False
+  return cadence.eval_due(step) or step == run.plan[index].end_step
+
+
+def _select_phase_best(loop: LoopContext, state, index: int, step: int):
+  """Records the current weights as the phase's best when its validation loss improved."""
+  loss = _phase_validation_loss(loop, state, index)
+  best = float(jax.device_get(state.phase["best_loss"]))
+  improved = loss < best
+  loop.writer.write(step, "phase", {"index": index, "val_loss": loss, "best_val_loss": min(loss, best)})
+  loop.progress.write(f"step {step} phase {index} ({loop.run.plan[index].name}): validation loss "
+                      f"{loss:.5f}" + (" (best so far: kept)" if improved else f" (best {best:.5f})"))
+  if not improved:
+    return state
+  shardings = loop.run.phase_targets(index)[1]
+  return jax.jit(phases.remember_best, out_shardings=shardings, donate_argnums=(0,))(
+      state, jnp.float32(loss))
 
 
 def _evaluate_splits(loop: LoopContext, state, step: int, splits: dict, kind: str) -> dict:
   """``{name: metrics}`` of ``state`` on ``splits``, written as ``<kind>/<name>`` records."""
   results = {}
+  if loop.run.plan:  # the weights only: one eval step for every phase's optimizer structure
+    state = state.replace(opt_state=None, phase=None)
   for name, split in splits.items():
     metrics = evaluate(loop.config, split, loop.eval_step, state, loop.run.teacher_variables,
                        loop.run.batch_sharding,
@@ -681,6 +820,27 @@ def save_config(config, workdir: str) -> None:
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
     f.write(text)
+  os.replace(tmp, path)
+
+
+SUBSET_FILE = "train_subset.json"  # a reduced-data run's training examples
+
+
+def save_train_subset(config, workdir: str) -> None:
+  """Writes ``<workdir>/train_subset.json`` for a reduced-data run (``config.dataset.train_fraction``
+  < 1): the fraction, seed, the split it indexes and the sorted indices of the examples trained on."""
+  indices = data.train_subset_indices(config)
+  if indices is None:
+    return
+  d = config.dataset
+  record = {"train_split": d.get("train_split", "train"),
+            "num_train_examples": d.get("num_train_examples"),
+            "train_fraction": float(d.train_fraction), "subset_seed": int(d.get("subset_seed", 0)),
+            "count": int(len(indices)), "indices": [int(i) for i in indices]}
+  path = os.path.join(workdir, SUBSET_FILE)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(record, f)
   os.replace(tmp, path)
 
 

@@ -21,10 +21,13 @@ import os
 import re
 from typing import Any, Callable
 
-from gpd_jax import checkpoint, data, feature_kd, interop, models, objective, optim, sharding
+import jax
+import numpy as np
+
+from gpd_jax import checkpoint, data, feature_kd, interop, models, objective, optim, phases, sharding
 from gpd_jax.data import pipeline as data_pipeline
 from gpd_jax.data import rand_augment as data_rand_augment
-from gpd_jax.state import DTYPES
+from gpd_jax.state import DTYPES, model_kwargs
 
 
 class ConfigError(ValueError):
@@ -115,6 +118,8 @@ FIELDS: dict[str, Field] = {
                               "delete every checkpoint of the run"),
     "ema_decay": Field("float", 0, 1, high_open=True, hint="0 = no EMA"),
     "select_metric": Field("str"),
+    "phases": Field("any", check=lambda value: "; ".join(phases.check_entries(value)) or None,
+                    hint="a tuple of config_base.phase(...) dicts"),
     "model.name": Field("str", check=_model_name_problem),
     "model.kwargs": Field("dict"),
     "model.dtype": Field("str", choices=tuple(DTYPES)),
@@ -210,6 +215,9 @@ FIELDS: dict[str, Field] = {
                                        hint="probability of cutmix when both alphas are > 0"),
     "dataset.num_train_examples": Field("int", 1, optional=True, hint="None = all"),
     "dataset.num_eval_examples": Field("int", 1, optional=True, hint="None = all"),
+    "dataset.train_fraction": Field("float", 0, 1, low_open=True,
+                                    hint="the share of the train split used (1 = all)"),
+    "dataset.subset_seed": Field("int", 0, 2**32 - 1),
     "dataset.worker_count": Field("int", 0),
     "dataset.num_threads": Field("int", 0),
     "dataset.prefetch_buffer_size": Field("int", 0),
@@ -264,7 +272,8 @@ def check_field(path: str, value, field: Field) -> str | None:
     return None if field.optional or field.kind == "any" else f"{name} is None; set it{hint}"
   kind = field.kind
   if kind == "any":
-    return None
+    problem = field.check(value) if field.check is not None else None
+    return f"{name}: {problem}" if problem else None
   if kind == "bool":
     if not isinstance(value, bool):
       return f"{name}={value!r} must be True or False"
@@ -338,7 +347,10 @@ def _cross_field_problems(config) -> list[str]:
   """Rules that tie fields together (each field alone is already known to be well-typed)."""
   problems = []
   get = lambda section, key, default=None: (config.get(section) or {}).get(key, default)
-  if not config.get("num_train_steps") and not config.get("num_epochs"):
+  if config.get("phases") and config.get("num_train_steps"):
+    problems.append(f"config.num_train_steps={config.num_train_steps} with config.phases: a phased "
+                    "run's length is the sum of its phases' epochs; set num_train_steps=0")
+  elif not config.get("phases") and not config.get("num_train_steps") and not config.get("num_epochs"):
     problems.append("config.num_epochs=0 and config.num_train_steps=0: the run would have no steps; "
                     "set config.num_epochs (or config.num_train_steps) > 0")
   base = get("loss", "base", "ce")
@@ -376,6 +388,9 @@ def _cross_field_problems(config) -> list[str]:
   if mixing and (get("online", "terms", ()) or get("online", "peers", {})):
     problems.append("config.dataset.mixup_alpha/cutmix_alpha mix the batch into soft targets, which "
                     "the online terms (config.online) do not read; turn mixing off for online runs")
+  if mixing and config.get("phases"):
+    problems.append("config.dataset.mixup_alpha/cutmix_alpha with config.phases: a phase's terms "
+                    "(stage MSE, CE on the head) read hard labels; turn mixing off for phased runs")
   problems += _online_problems(config.get("online") or {})
   regex = get("optim", "no_decay_regex", "")
   if regex:
@@ -558,6 +573,30 @@ def check_teacher(config, workdir: str, num_classes: int, *, training: bool = Tr
   _check_export(teacher_dir, "config.teacher.workdir", name=name, num_classes=num_classes)
 
 
+def _check_phase_patterns(config, num_classes: int, steps_per_epoch: int) -> None:
+  """Every phase's ``train`` entry names leaves of the student and its 'stage_mse' taps exist there
+  (shapes only, nothing computed; the teacher's side is checked when it is loaded)."""
+  plan = phases.make_plan(config, steps_per_epoch)
+  if not plan:
+    return
+  module = models.create(config.model.name, num_classes, **model_kwargs(config.model))
+  info = data.get_dataset_info(config)
+  size = config.dataset.get("image_size") or info.image_shape[0]
+  sample = (1, int(size), int(size), int(info.image_shape[-1]))
+  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), np.zeros(sample, np.float32),
+                                                train=False))
+  phases.check_patterns(plan, abstract["params"])
+  phases.check_taps(plan, module, None, sample)
+
+
+def run_steps(config, steps_per_epoch: int) -> int:
+  """The run's length in steps: the sum of its phases, else ``num_train_steps`` or ``num_epochs``."""
+  plan = phases.make_plan(config, steps_per_epoch)
+  if plan:
+    return plan[-1].end_step
+  return config.get("num_train_steps") or int(round(config.num_epochs * steps_per_epoch))
+
+
 def resume_identity(config, num_classes: int, steps_per_epoch: int, total_steps: int) -> dict:
   """What a checkpoint must agree on with the config that resumes it.
 
@@ -592,6 +631,12 @@ def resume_identity(config, num_classes: int, steps_per_epoch: int, total_steps:
   identity["peers"] = {name: {"model": p.model.name, "gpd_ratio": int(p.get("gpd_ratio", 0) or 0)}
                        for name, p in (online.get("peers") or {}).items()}
   identity["switch"] = (online.get("switch") or {}).get("teacher", "")
+  # Only for the runs that use them, so the identity of every other run stays what it was.
+  if float(d.get("train_fraction", 1.0) or 1.0) != 1.0:
+    identity["dataset"]["train_fraction"] = float(d.train_fraction)
+    identity["dataset"]["subset_seed"] = int(d.get("subset_seed", 0) or 0)
+  if config.get("phases"):
+    identity["phases"] = phases.describe(phases.make_plan(config, steps_per_epoch))
   return identity
 
 
@@ -630,7 +675,11 @@ def check_run(config, workdir: str, *, training: bool = True, splits: dict | Non
     else:
       _check_export(path, "config.init.student", name=config.model.name, num_classes=num_classes)
   steps_per_epoch = data.steps_per_epoch(config)
-  total_steps = config.get("num_train_steps") or int(round(config.num_epochs * steps_per_epoch))
+  try:
+    total_steps = run_steps(config, steps_per_epoch)
+    _check_phase_patterns(config, num_classes, steps_per_epoch)
+  except phases.PhaseConfigError as e:
+    raise ConfigError(str(e)) from None
   if training and total_steps < 1:
     raise ConfigError(f"config.num_epochs={config.num_epochs} is less than one step ({steps_per_epoch} "
                       "steps per epoch); raise it")

@@ -42,6 +42,35 @@ def get_config(arg=None):
 """
 
 
+PHASED_CONFIG = f"""
+import sys
+sys.path.insert(0, {TESTS!r})
+from gpd_jax import config_base
+from test_train import tiny_config
+
+def get_config(arg=None):
+  config_base.parse_arg(arg, allowed=("runlocal",))
+  c = tiny_config(teacher=False, gpd=False, steps=NUM_TRAIN_STEPS)
+  c.teacher.name, c.teacher.workdir = "resnet8", TEACHER_WORKDIR  # the finished run's export
+  c.phases = (config_base.phase("stage1", 0.5, ("stage1",), ("stage_mse(stage1)",)), PHASE)
+  return c
+"""
+
+# Multi-phase configs with one bad second phase (gpd_jax/phases.py): {name: (phase source, steps)}.
+BAD_PHASES = {
+    "phase_unknown_term": ('config_base.phase("head", 1, ("head",), ("mse",))', 0),
+    "phase_tap_out_of_range": ('config_base.phase("s3", 1, ("stage3",), ("stage_mse(stage9)",))', 0),
+    "phase_train_matches_nothing": ('config_base.phase("s4", 1, ("stage4",), ("ce",))', 0),
+    "phase_bad_regex": ('config_base.phase("x", 1, ("layer[",), ("ce",))', 0),
+    "phase_zero_epochs": ('config_base.phase("head", 0, ("head",), ("ce",))', 0),
+    "phase_bad_start": ('config_base.phase("head", 1, ("head",), ("ce",), start="first")', 0),
+    "phase_unknown_key": ('dict(config_base.phase("head", 1, ("head",), ("ce",)), lr=0.1)', 0),
+    "phase_unknown_optim_field": ('config_base.phase("head", 1, ("head",), ("ce",), optim={"lrr": 1})', 0),
+    "phase_not_a_dict": ('"head"', 0),
+    "phase_with_num_train_steps": ('config_base.phase("head", 1, ("head",), ("ce",))', 4),
+}
+
+
 def snapshot(*roots):
   """Every path under ``roots`` with its size and mtime (directories included)."""
   state = {}
@@ -74,6 +103,17 @@ def files(tmp_path_factory):
     path = d / f"{name}.py"
     path.write_text(text)
     paths[name] = str(path)
+  for name, (phase, steps) in BAD_PHASES.items():
+    text = (PHASED_CONFIG.replace("PHASE)", phase + ")").replace("NUM_TRAIN_STEPS", str(steps))
+            .replace("TEACHER_WORKDIR", repr(str(d / "run"))))
+    path = d / f"{name}.py"
+    path.write_text(text)
+    paths[name] = str(path)
+  no_teacher = PHASED_CONFIG.replace("PHASE)", ")")
+  no_teacher = no_teacher.replace("NUM_TRAIN_STEPS", "0").replace(
+      'c.teacher.name, c.teacher.workdir = "resnet8", TEACHER_WORKDIR', 'c.loss.base = "ce"')
+  (d / "phase_without_teacher.py").write_text(no_teacher)
+  paths["phase_without_teacher"] = str(d / "phase_without_teacher.py")
   paths["a_file"] = str(d / "a_file.txt")
   with open(paths["a_file"], "w") as f:
     f.write("not a directory")
@@ -145,6 +185,20 @@ CASES = {
     "corrupted_pretrained_student": ("train", ["--config={tiny}", "--workdir={new}", "--config.init.student={bad_export}"], r"config\.init\.student:.*model\.json is unreadable.*export the model again"),
     "eval_split_typo": ("train", ["--config={tiny}", "--workdir={new}", "--config.dataset.name=fashion_mnist", "--config.dataset.eval_splits.val=tset"], r"config\.dataset\.eval_splits\['val'\]='tset'.*Unknown split"),
     "garbage_dataset_files": ("train", ["--config={tiny}", "--workdir={new}", "--config.dataset.name=fashion_mnist", "--config.dataset.source_dir={garbage_src}", "--config.dataset.data_dir={scratch}/tfds"], r"config\.dataset\.train_split='train': dataset 'fashion_mnist' cannot be read.*re-prepare"),
+    # Multi-phase runs (config.phases) and reduced data: the phase's field and the fix.
+    "phase_unknown_term": ("train", ["--config={phase_unknown_term}", "--workdir={new}"], r"config\.phases\[1\]\.terms: 'mse' is not a term; use 'base', 'ce' or 'stage_mse"),
+    "phase_tap_out_of_range": ("train", ["--config={phase_tap_out_of_range}", "--workdir={new}"], r"config\.phases\[1\]\.terms: the student's tap 'stage9': the model has 3 stages"),
+    "phase_train_matches_nothing": ("train", ["--config={phase_train_matches_nothing}", "--workdir={new}"], r"config\.phases\[1\]\.train: 'stage4' \(regex .*\) matches no parameter"),
+    "phase_bad_regex": ("train", ["--config={phase_bad_regex}", "--workdir={new}"], r"config\.phases\[1\]\.train: 'layer\[' is not a stage name or a regular expression"),
+    "phase_zero_epochs": ("train", ["--config={phase_zero_epochs}", "--workdir={new}"], r"config\.phases\[1\]\.epochs=0\.0 must be a number > 0"),
+    "phase_bad_start": ("train", ["--config={phase_bad_start}", "--workdir={new}"], r"config\.phases\[1\]\.start='first' must be one of \('best', 'last'\)"),
+    "phase_unknown_key": ("train", ["--config={phase_unknown_key}", "--workdir={new}"], r"config\.phases\[1\] has unknown keys \['lr'\]"),
+    "phase_unknown_optim_field": ("train", ["--config={phase_unknown_optim_field}", "--workdir={new}"], r"config\.phases\[1\]\.optim\.lrr is not a field of optim"),
+    "phase_not_a_dict": ("train", ["--config={phase_not_a_dict}", "--workdir={new}"], r"config\.phases\[1\]='head' must be a dict"),
+    "phase_with_num_train_steps": ("train", ["--config={phase_with_num_train_steps}", "--workdir={new}"], r"config\.num_train_steps=4 with config\.phases.*set num_train_steps=0"),
+    "phase_without_teacher": ("train", ["--config={phase_without_teacher}", "--workdir={new}"], r"config\.phases\[0\]\.terms=.*static teacher, but config\.teacher\.name is empty"),
+    "train_fraction_0": ("train", ["--config={tiny}", "--workdir={new}", "--config.dataset.train_fraction=0"], r"config\.dataset\.train_fraction=0\.0 must be > 0 and <= 1"),
+    "resume_other_train_fraction": ("train", ["--config={tiny}", "--workdir={run}", "--config.dataset.train_fraction=0.5", "--config.num_train_steps=8"], r"dataset: checkpoint has .*config gives .*'train_fraction': 0\.5"),
     # The workdir.
     "workdir_is_a_file": ("train", ["--config={tiny}", "--workdir={a_file}"], r"--workdir=.*a_file\.txt is a file"),
     "workdir_under_a_file": ("train", ["--config={tiny}", "--workdir={a_file}/sub"], r"a_file\.txt is a file, so the workdir cannot be created"),

@@ -8,6 +8,7 @@ Public API::
     create_train_iterator(config, *, process_index=0, process_count=1)   # infinite, resumable
     create_eval_iterator(config, split, *, process_index=0, process_count=1)  # padded + mask
     steps_per_epoch(config), num_examples(config, split=None), eval_steps(config, split)
+    train_subset_indices(config)      # the reduced-data subset (config.dataset.train_fraction) or None
     DatasetNotReadyError                                               # ValueError subclass
 
 See :mod:`gpd_jax.data.pipeline` for the config fields read and the batch format.
@@ -21,6 +22,7 @@ from gpd_jax.data.pipeline import get_dataset_info
 from gpd_jax.data.pipeline import num_examples
 from gpd_jax.data.pipeline import steps_per_epoch
 from gpd_jax.data.pipeline import train_dataset
+from gpd_jax.data.pipeline import train_subset_indices
 from gpd_jax.data.sources import DatasetInfo
 from gpd_jax.data.sources import DatasetNotReadyError
 from gpd_jax.data.sources import SUPPORTED_NAMES
@@ -33,5 +35,5 @@ __all__ = [
     "DatasetInfo", "DatasetNotReadyError", "FashionMnistIdx", "SUPPORTED_NAMES",
     "SyntheticSource", "create_eval_iterator", "create_train_iterator", "dataset_info",
     "eval_dataset", "eval_steps", "get_dataset_info", "load_source", "num_examples",
-    "steps_per_epoch", "synthetic_source", "train_dataset",
+    "steps_per_epoch", "synthetic_source", "train_dataset", "train_subset_indices",
 ]

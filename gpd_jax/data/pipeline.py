@@ -22,6 +22,9 @@ may be absent):
 - ``config.dataset.repeated_augmentations``: R > 1 = repeated augmentation (optional, default 1;
   see :class:`RepeatedAugmentation`).
 - ``config.dataset.num_train_examples``: cap, use the first N train examples (None = all).
+- ``config.dataset.train_fraction``: reduced data, train on a seeded random fraction of those
+  (optional, default 1.0 = all; see :func:`train_subset_indices`).
+- ``config.dataset.subset_seed``: the seed of that subset (optional, default 0).
 - ``config.dataset.num_eval_examples``: cap, use the first N examples of an eval split.
 - ``config.dataset.worker_count``: grain worker processes (optional, default 0 = in-process).
 - ``config.dataset.num_threads``: in-process prefetch threads (optional, default 2).
@@ -114,12 +117,55 @@ def open_source(config, split: Optional[str] = None, *, cap: Optional[int] = Non
   return src
 
 
+class _IndexSource:
+  """The records ``indices[0], indices[1], ...`` of a random-access source."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self.source, self.indices = source, indices
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int):
+    return self.source[int(self.indices[int(index)])]
+
+
+def subset_indices(num_examples: int, fraction: float, seed: int) -> np.ndarray:
+  """The sorted indices of the ``round(fraction · num_examples)`` (at least 1) examples a
+  reduced-data run trains on: a uniformly random subset drawn by NumPy's PCG64 seeded with ``seed``,
+  the same on every host and every resume."""
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"config.dataset.train_fraction={fraction!r} must be in (0, 1]")
+  count = max(1, int(round(fraction * num_examples)))
+  if count >= num_examples:
+    return np.arange(num_examples)
+  rng = np.random.Generator(np.random.PCG64(seed))
+  return np.sort(rng.choice(num_examples, size=count, replace=False))
+
+
+def train_subset_indices(config) -> Optional[np.ndarray]:
+  """The indices (into the capped train split) of a reduced-data run, or None when it uses all."""
+  fraction = float(_get(config.dataset, "train_fraction", 1.0) or 1.0)
+  if fraction == 1.0:
+    return None
+  n = len(open_source(config, None, cap=_get(config.dataset, "num_train_examples")))
+  return subset_indices(n, fraction, int(_get(config.dataset, "subset_seed", 0) or 0))
+
+
+def open_train_source(config):
+  """The training examples: the capped train split, reduced to ``train_fraction`` of it."""
+  src = open_source(config, None, cap=_get(config.dataset, "num_train_examples"))
+  indices = train_subset_indices(config)
+  return src if indices is None else _IndexSource(src, indices)
+
+
 def num_examples(config, split: Optional[str] = None) -> int:
   """Examples the pipeline uses: train split (``split=None``, capped by
-  ``num_train_examples``) or an eval split (key of ``eval_splits`` or a split spec, capped by
-  ``num_eval_examples``)."""
-  cap = _get(config.dataset, "num_train_examples" if split is None else "num_eval_examples")
-  return len(open_source(config, split, cap=cap))
+  ``num_train_examples`` and reduced to ``train_fraction``) or an eval split (key of
+  ``eval_splits`` or a split spec, capped by ``num_eval_examples``)."""
+  if split is None:
+    return len(open_train_source(config))
+  return len(open_source(config, split, cap=_get(config.dataset, "num_eval_examples")))
 
 
 def steps_per_epoch(config) -> int:
@@ -219,7 +265,7 @@ def train_dataset(config, *, process_index: int = 0, process_count: int = 1) -> 
   info = get_dataset_info(config)
   per_host = _per_host(int(config.batch_size), process_count, "config.batch_size")
   seed = _seed(config)
-  src = open_source(config, None, cap=_get(d, "num_train_examples"))
+  src = open_train_source(config)
   n = len(src)
   if n // process_count < per_host:
     raise ValueError(f"Train split {resolve_split(config)!r} of {d.name!r} has {n} examples: "

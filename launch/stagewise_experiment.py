@@ -1,0 +1,119 @@
+"""Stagewise KD and SSKD on Fashion-MNIST, with the teacher and data of fashion_experiment.py.
+
+    python launch/stagewise_experiment.py --root=runs/fm_stagewise --seeds=0,1,2 \
+        --teacher_epochs=4 --num_train_examples=10000
+
+Every student run is ``configs/fashion_mnist_stagewise.py:<method>`` (3 epochs in all, the protocol's
+student budget; see that file for the phases) with the data cap given here; ``stagewise_data20`` is
+Stagewise KD on a seeded 20 % of the (capped) training split. The ResNet-20 teacher is trained once
+under ``--root`` as fashion_experiment.py trains it (configs/fashion_mnist_teacher.py, CE). Runs are
+ordinary resumable workdirs: rerunning skips finished ones. Writes ``<root>/summary.json`` and prints
+a markdown table (mean ± std over seeds of the student's last val, best val and test top-1; the test
+is of the final weights, i.e. after the head phase).
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+from gpd_jax.metric_writer import read_metrics
+from gpd_jax.train import load_config_file, train_and_evaluate
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+STAGEWISE = os.path.join(CONFIG_DIR, "fashion_mnist_stagewise.py")
+TEACHER = os.path.join(CONFIG_DIR, "fashion_mnist_teacher.py")
+METHODS = {"stagewise": "stagewise", "sskd": "sskd", "stagewise_data20": "stagewise,data20"}
+
+
+def _train_once(config, workdir, timings, name):
+  if not os.path.isfile(os.path.join(workdir, "export", "model.json")):
+    start = time.time()
+    train_and_evaluate(config, workdir)
+    timings[name] = time.time() - start
+
+
+def teacher_config(args):
+  """configs/fashion_mnist_teacher.py with --teacher_epochs and the data cap."""
+  c = load_config_file(TEACHER + (":runlocal" if args.runlocal else ""))
+  if args.teacher_epochs is not None:
+    c.num_epochs = float(args.teacher_epochs)
+  if args.num_train_examples:
+    c.dataset.num_train_examples = args.num_train_examples
+  return c
+
+
+def method_config(args, method, seed):
+  """One student run: the method's config, the data cap, the seed, the shared teacher."""
+  c = load_config_file(f"{STAGEWISE}:{METHODS[method]}" + (",runlocal" if args.runlocal else ""))
+  c.seed = seed
+  if args.num_train_examples:
+    c.dataset.num_train_examples = args.num_train_examples
+  c.teacher.workdir = os.path.abspath(os.path.join(args.root, "teacher"))
+  c.teacher.config = ""
+  return c
+
+
+def summarize(workdir):
+  val = read_metrics(workdir, "eval/val")
+  test = read_metrics(workdir, "test/test")
+  phase = read_metrics(workdir, "phase")
+  return {"last_val": val[-1]["top1_S"], "best_val": max(r["top1_S"] for r in val),
+          "test": test[-1]["top1_S"] if test else float("nan"),
+          "test_teacher": test[-1].get("top1_T", float("nan")) if test else float("nan"),
+          "phase_val_losses": [(r["step"], int(r["index"]), r["val_loss"]) for r in phase]}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--root", required=True, help="directory for the teacher, every run and summary.json")
+  p.add_argument("--seeds", default="0,1,2", help="comma-separated student seeds")
+  p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {tuple(METHODS)}")
+  p.add_argument("--teacher_epochs", type=float, default=None, help="teacher epochs (default: its config's)")
+  p.add_argument("--num_train_examples", type=int, default=0, help="cap on the train images (0: all)")
+  p.add_argument("--runlocal", action="store_true", help="shrink every run like the configs' :runlocal")
+  p.add_argument("--summary_only", action="store_true",
+                 help="train nothing: summarise the runs under --root that have finished")
+  args = p.parse_args(argv)
+  methods = args.methods.split(",")
+  bad = [m for m in methods if m not in METHODS]
+  if bad:
+    p.error(f"--methods: unknown {bad}; choose from {tuple(METHODS)}")
+  seeds = [int(s) for s in args.seeds.split(",")]
+  os.makedirs(args.root, exist_ok=True)
+  timings = {}
+  if not args.summary_only:
+    _train_once(teacher_config(args), os.path.join(args.root, "teacher"), timings, "teacher")
+  runs, seeds_done = {}, {}
+  for seed in seeds:  # seed-major: an interrupted sweep has every method at the first seeds
+    for method in methods:
+      name = f"{method}_seed{seed}"
+      workdir = os.path.join(args.root, name)
+      if not args.summary_only:
+        _train_once(method_config(args, method, seed), workdir, timings, name)
+      elif not os.path.isfile(os.path.join(workdir, "export", "model.json")):
+        continue
+      runs.setdefault(method, []).append(summarize(workdir))
+      seeds_done.setdefault(method, []).append(seed)
+  teacher = summarize(os.path.join(args.root, "teacher"))
+  table = ["| method | last val top-1 | best val top-1 | test top-1 (final model) |", "|---|---|---|---|",
+           f"| static teacher (resnet20) | {teacher['last_val']:.2f} | {teacher['best_val']:.2f} | "
+           f"{teacher['test']:.2f} |"]
+  stats = {}
+  for method, results in runs.items():
+    row = {}
+    for key in ("last_val", "best_val", "test"):
+      values = np.array([r[key] for r in results])
+      row[key] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
+    stats[method] = row
+    table.append(f"| {method} (seeds {seeds_done[method]}) | " + " | ".join(
+        f"{row[k][0]:.2f} ± {row[k][1]:.2f}" for k in ("last_val", "best_val", "test")) + " |")
+  print("\n".join(table))
+  with open(os.path.join(args.root, "summary.json"), "w") as f:
+    json.dump({"args": vars(args), "teacher": teacher, "runs": runs, "seeds": seeds_done,
+               "stats": stats, "wall_seconds": timings}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
