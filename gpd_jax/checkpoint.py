@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -137,6 +138,40 @@ def _structure_diff(metadata_tree, abstract_state) -> str | None:
   return None
 
 
+def _fields(node) -> dict | None:
+  """The children of a dataclass (e.g. TrainState) or dict by name, or None for anything else."""
+  if dataclasses.is_dataclass(node) and not isinstance(node, type):
+    return {f.name: getattr(node, f.name) for f in dataclasses.fields(node)}
+  return dict(node) if isinstance(node, dict) else None
+
+
+def _without_unsaved_empty_fields(abstract, on_disk):
+  """``abstract`` as nested dicts, minus the None fields that ``on_disk`` (a checkpoint's metadata
+  tree) does not have.
+
+  A checkpoint written before a train-state field existed (``phase``, ``connectors``, ...) lacks
+  that key; when the field is None in the new state (the feature is unused) there is nothing to
+  read, so the checkpoint still fits. Orbax saves dataclasses as dicts, so the target is one too.
+  """
+  children = _fields(abstract)
+  saved = {k: on_disk[k] for k in on_disk.keys()} if hasattr(on_disk, "keys") else None  # a mapping
+  if children is None or saved is None:
+    return abstract
+  return {name: _without_unsaved_empty_fields(child, saved[name]) for name, child in children.items()
+          if not (child is None and name not in saved)}
+
+
+def _with_empty_fields(abstract, restored):
+  """Rebuilds ``abstract``'s dataclasses around ``restored`` (the output of a restore into
+  :func:`_without_unsaved_empty_fields`'s target), putting back the None fields left out."""
+  children = _fields(abstract)
+  if children is None or not isinstance(restored, dict):
+    return restored
+  rebuilt = {name: None if child is None and name not in restored else
+             _with_empty_fields(child, restored[name]) for name, child in children.items()}
+  return dataclasses.replace(abstract, **rebuilt) if dataclasses.is_dataclass(abstract) else rebuilt
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints.
 
@@ -252,12 +287,18 @@ class Checkpointer:
           f"the checkpoint in {self.directory} (step {step}) does not fit the train state this "
           f"config builds ({diff}); did config.optim, config.ema_decay or config.model change? Use a "
           "new --workdir, or restore the old settings.")
+    target = _without_unsaved_empty_fields(abstract_state, metadata)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
+      if "tree structures do not match" in str(e):  # a layout difference, not damage: never move it
+        raise CheckpointMismatchError(
+            f"the checkpoint in {self.directory} (step {step}) has a different train-state layout "
+            f"than this config builds ({_short(e)}); use a new --workdir, or restore the old "
+            "settings.") from None
       raise _BadStep(f"its arrays are unreadable ({_short(e)})") from None
-    state = restored["state"]
+    state = _with_empty_fields(abstract_state, restored["state"])
     checksums, finite = fingerprint(state)
     bad = _first_non_finite(state, finite)
     if bad is not None:

@@ -4,11 +4,13 @@ retention, exports, and the rerun of a finished run.
 One tiny 4-step run (checkpoints at steps 2 and 4, exports) is trained once per module; each test
 damages its own copy. Restores go through ``train.setup`` (no compilation) where that suffices.
 """
+import dataclasses
 import glob
 import json
 import os
 import shutil
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,6 +141,38 @@ def test_non_finite_step_is_not_restored(run_copy, capsys):
   assert restored_step(run_copy) == 2
   assert "NaN/inf" in capsys.readouterr().err
   assert len(moved_aside(run_copy, 4)) == 1
+
+
+def as_written_before(state, dropped=("phase", "connectors", "feature_state"), extra=None):
+  """``state`` as a version without the ``dropped`` fields (all None here) would have saved it."""
+  fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+  assert all(fields[name] is None for name in dropped)
+  return {**{k: v for k, v in fields.items() if k not in dropped}, **(extra or {})}
+
+
+def test_a_checkpoint_from_before_a_new_unused_field_restores_and_resumes(run_copy, capsys):
+  """Train-state fields added later (phase, connectors, feature_state) are None when unused; a
+  checkpoint written before they existed lacks their keys and must still restore, bitwise."""
+  expected = train.setup(config(), run_copy, training=False)
+  expected.ckpt.close()
+  rewrite_state(run_copy, 4, as_written_before)
+  run = train.setup(config(6), run_copy)
+  run.ckpt.close()
+  assert int(run.state.step) == 4 and run.state.phase is None and run.state.connectors is None
+  chex.assert_trees_all_equal(run.state, expected.state)
+  assert not moved_aside(run_copy, 4) and "damaged" not in capsys.readouterr().err
+  train.train_and_evaluate(config(6), run_copy)  # and the run goes on from there
+  assert checkpoint.Checkpointer(os.path.join(run_copy, "checkpoints")).latest_step() == 6
+
+
+def test_a_different_state_layout_is_a_mismatch_and_is_never_moved_aside(run_copy):
+  """A key the new state does not have is a layout difference, not damage: a clear error, and
+  the step stays where it is (moving it aside would make the next run start from step 0)."""
+  rewrite_state(run_copy, 4, lambda s: as_written_before(s, (), {"legacy_field": None}))
+  before = snapshot(os.path.join(run_copy, "checkpoints"))
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="legacy_field"):
+    train.setup(config(6), run_copy)
+  assert snapshot(os.path.join(run_copy, "checkpoints")) == before
 
 
 def test_stray_and_temporary_step_directories(run_copy, capsys):
