@@ -68,6 +68,25 @@ def feature_warmup_steps(features_config, steps_per_epoch: int | None) -> int:
   return max(1, int(round(epochs * int(steps_per_epoch))))
 
 
+# CRD's memory banks (``state.feature_state[<network>].memory_{student,teacher}``, [N, D]).
+CRD_MEMORY_PATTERN = r"feature_state/[^/]+/\.?memory_(student|teacher)$"
+
+
+def state_sharding_rules(features_config, batch_axes: tuple[str, ...], num_batch_shards: int) -> tuple:
+  """Built-in ``mesh.param_rules`` for the feature objective's state (appended after the user's).
+
+  CRD's two memory banks are [N, D] per network (N = training examples): replicated they cost
+  2 · N · D · 4 bytes on every device (ImageNet, D = 128: 1.3 GB). They are split over their
+  embedding columns across the batch axes instead: a row gather then stays on each device, and a
+  device holds N · D / shards. When D does not divide evenly they stay replicated.
+  """
+  if not features_config or features_config.get("method", "") != "crd" or num_batch_shards <= 1:
+    return ()
+  if int(features_config.crd.feature_dim) % num_batch_shards:
+    return ()
+  return ((CRD_MEMORY_PATTERN, (None, tuple(batch_axes))),)
+
+
 class CRDHeads(nn.Module):
   """CRD's two trainable embeddings of one student-side network: its own and the teacher's."""
   features: int = 128

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gpd_jax import checkpoint, data, interop, losses, mixup, optim, phases, report, sharding, validate
+from gpd_jax import checkpoint, data, feature_kd, interop, losses, mixup, optim, phases, report, sharding, validate
 from gpd_jax.metric_writer import MetricWriter
 from gpd_jax.progress import Progress
 from gpd_jax.state import Task, TrainState, build_task, init_state, model_kwargs
@@ -346,7 +346,10 @@ def setup(config, workdir: str, *, training: bool = True) -> Run:
 
   def targets(phase_index=0):
     abstract = jax.eval_shape(functools.partial(init_fn, phase_index=phase_index), rng, pretrained)
-    shardings = sharding.tree_shardings(mesh, abstract, config.mesh.get("param_rules", ()))
+    rules = (*config.mesh.get("param_rules", ()), *feature_kd.state_sharding_rules(
+        config.get("features", {}), tuple(config.mesh.get("batch_axes", ("data",))),
+        sharding.num_batch_shards(mesh, config.mesh)))
+    shardings = sharding.tree_shardings(mesh, abstract, rules)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
     return abstract, shardings

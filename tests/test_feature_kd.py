@@ -8,6 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
@@ -164,15 +165,26 @@ def test_connectors_and_crd_bank_resume_bitwise_and_are_not_exported(tmp_path, m
     assert jax.tree.structure(variables) == jax.tree.structure(jax.device_get(plain)), name
 
 
-def test_feature_runs_on_one_and_eight_devices_give_the_same_loss(tmp_path):
-  losses = {}
+@pytest.mark.parametrize("method", ["reviewkd", "crd"])
+def test_feature_runs_on_one_and_eight_devices_give_the_same_loss(tmp_path, method):
+  losses, banks = {}, {}
   for devices in (1, 8):
     w = str(tmp_path / f"d{devices}")
     make_teacher(w)
-    train.train_and_evaluate(feature_config("reviewkd", devices=devices), w)
+    train.train_and_evaluate(feature_config(method, devices=devices), w)
     losses[devices] = train_losses(w)
+    if method == "crd":
+      run = train.setup(feature_config(method, devices=devices), w, training=False)
+      run.ckpt.close()
+      banks[devices] = run.state.feature_state["student"].memory_teacher
   np.testing.assert_allclose([losses[8][s] for s in (1, 2)], [losses[1][s] for s in (1, 2)],
                              rtol=2e-5)
+  if method == "crd":
+    # On 8 devices each holds 1/8 of the bank's embedding columns ([32, 8] -> [32, 1] a device).
+    assert banks[8].sharding.spec == P(None, ("data",))
+    assert {shard.data.shape for shard in banks[8].addressable_shards} == {(32, 1)}
+    assert {shard.data.shape for shard in banks[1].addressable_shards} == {(32, 8)}
+    np.testing.assert_allclose(np.asarray(banks[8]), np.asarray(banks[1]), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["reviewkd", "reviewkd_gpd", "sp", "fitnet", "crd"])
