@@ -71,6 +71,32 @@ class Bottleneck(nn.Module):
     return (nn.relu(preact), preact) if self.return_preact else nn.relu(preact)
 
 
+def _residual_stages(x, train, block_cls, widths, depths, **kw):
+  """Blocks ``layer{i+1}_{j}`` (stage i, block j; stride 2 at the first block of every stage but
+  the first), called inside the parent's compact ``__call__``.
+
+  Returns ``(x, stages, preact_stages)``: the last output and, per stage, its output and its last
+  block's pre-ReLU sum.
+  """
+  stages, preact_stages = [], []
+  for i, (width, n) in enumerate(zip(widths, depths)):
+    for j in range(n):
+      x, preact = block_cls(width, 2 if i > 0 and j == 0 else 1, name=f"layer{i + 1}_{j}",
+                            return_preact=True, **kw)(x, train)
+    stages.append(x)
+    preact_stages.append(preact)
+  return x, tuple(stages), tuple(preact_stages)
+
+
+def _outputs(module, pooled, **taps):
+  """The classifier ``fc`` on ``pooled`` [B, C]: the logits, or ``(logits, Features)`` when
+  ``module.return_features``."""
+  logits = head(pooled, module.num_classes, dtype=module.dtype)
+  if not module.return_features:
+    return logits
+  return logits, Features(pooled=pooled, **taps)
+
+
 class ResNet(nn.Module):
   """torchvision ImageNet ResNet: 7×7/2 stem, 3×3/2 max pool, four stages, global pool, fc.
 
@@ -95,21 +121,10 @@ class ResNet(nn.Module):
     x = conv(x.astype(self.dtype), self.stem_width * self.ratio, 7, strides=2, name="conv1", **kw)
     preact_stem = batch_norm(x, train=train, scale=self.ratio, dtype=self.dtype, name="bn1")
     stem = nn.relu(preact_stem)
-    x = max_pool_3x3_s2(stem)
-    stages, preact_stages = [], []
-    for i, (n, width) in enumerate(zip(self.stage_sizes, self.widths)):
-      for j in range(n):
-        strides = 2 if i > 0 and j == 0 else 1
-        x, preact = block_cls(width, strides, name=f"layer{i + 1}_{j}", return_preact=True,
-                              **kw)(x, train)
-      stages.append(x)
-      preact_stages.append(preact)
-    pooled = global_avg_pool(x)
-    logits = head(pooled, self.num_classes, dtype=self.dtype)
-    if not self.return_features:
-      return logits
-    return logits, Features(stem=stem, preact_stem=preact_stem, stages=tuple(stages),
-                            preact_stages=tuple(preact_stages), pooled=pooled)
+    x, stages, preact_stages = _residual_stages(max_pool_3x3_s2(stem), train, block_cls,
+                                                self.widths, self.stage_sizes, **kw)
+    return _outputs(self, global_avg_pool(x), stem=stem, preact_stem=preact_stem, stages=stages,
+                    preact_stages=preact_stages)
 
 
 class CifarResNet(nn.Module):
@@ -137,21 +152,11 @@ class CifarResNet(nn.Module):
     kw = dict(ratio=self.ratio, branches=self.branches, dtype=self.dtype)
     x = conv(x.astype(self.dtype), self.widths[0] * self.ratio, 3, name="conv1", **kw)
     preact_stem = batch_norm(x, train=train, scale=self.ratio, dtype=self.dtype, name="bn1")
-    x = stem = nn.relu(preact_stem)
-    stages, preact_stages = [], []
-    for i, width in enumerate(self.widths[1:]):
-      for j in range(n):
-        strides = 2 if i > 0 and j == 0 else 1
-        x, preact = BasicBlock(width, strides, name=f"layer{i + 1}_{j}", return_preact=True,
-                               **kw)(x, train)
-      stages.append(x)
-      preact_stages.append(preact)
-    pooled = global_avg_pool(x)
-    logits = head(pooled, self.num_classes, dtype=self.dtype)
-    if not self.return_features:
-      return logits
-    return logits, Features(stem=stem, preact_stem=preact_stem, stages=tuple(stages),
-                            preact_stages=tuple(preact_stages), pooled=pooled)
+    stem = nn.relu(preact_stem)
+    x, stages, preact_stages = _residual_stages(stem, train, BasicBlock, self.widths[1:],
+                                                (n,) * len(self.widths[1:]), **kw)
+    return _outputs(self, global_avg_pool(x), stem=stem, preact_stem=preact_stem, stages=stages,
+                    preact_stages=preact_stages)
 
 
 class WideBasicBlock(nn.Module):
@@ -220,9 +225,5 @@ class WideResNet(nn.Module):
       stages.append(x)
     final_preact = batch_norm(x, train=train, scale=self.ratio, dtype=self.dtype, name="bn")
     preact_stages.append(final_preact)
-    pooled = global_avg_pool(nn.relu(final_preact))
-    logits = head(pooled, self.num_classes, dtype=self.dtype)
-    if not self.return_features:
-      return logits
-    return logits, Features(stem=stem, preact_stem=stem, stages=tuple(stages),
-                            preact_stages=tuple(preact_stages), pooled=pooled)
+    return _outputs(self, global_avg_pool(nn.relu(final_preact)), stem=stem, preact_stem=stem,
+                    stages=tuple(stages), preact_stages=tuple(preact_stages))
