@@ -15,15 +15,10 @@ val and final test top-1 of the student). ``--runlocal`` shrinks every run as th
 ``:runlocal`` does (a smoke test of the whole protocol in a few minutes).
 """
 import argparse
-import json
 import os
-import time
 
-import numpy as np
-
-from gpd_jax import config_base
-from gpd_jax.metric_writer import read_metrics
-from gpd_jax.train import load_config_file, train_and_evaluate
+from gpd_jax import config_base, experiment
+from gpd_jax.train import load_config_file
 
 # Feature-distillation methods: their settings come from configs/fashion_mnist_features.py:<method>.
 FEATURE_METHODS = ("reviewkd", "reviewkd_gpd", "sp", "fitnet", "crd")
@@ -151,74 +146,24 @@ def teacher_config(args):
   return c
 
 
-def summarize(workdir):
-  val = read_metrics(workdir, "eval/val")
-  test = read_metrics(workdir, "test/test")
-  return {"last_val": val[-1]["top1_S"], "best_val": max(r["top1_S"] for r in val),
-          "test": test[-1]["top1_S"] if test else float("nan"),
-          "test_teacher": test[-1].get("top1_T", float("nan")) if test else float("nan"),
-          "test_dt": test[-1].get("top1_D", float("nan")) if test else float("nan")}
-
-
 def main(argv=None):
   p = build_parser()
   args = p.parse_args(argv)
-  methods = args.methods.split(",")
-  bad = [m for m in methods if m not in METHODS]
-  if bad:
-    p.error(f"--methods: unknown {bad}; choose from {METHODS}")
-  seeds = [int(s) for s in args.seeds.split(",")]
+  methods = experiment.parse_names(p, "--methods", args.methods, METHODS)
+  seeds = experiment.parse_seeds(p, args.seeds)
   os.makedirs(args.root, exist_ok=True)
   timings = {}
-
-  teacher_dir = os.path.join(args.root, "teacher")
-  if not os.path.isfile(os.path.join(teacher_dir, "export", "model.json")):  # trained once, shared
-    t = time.time()
-    train_and_evaluate(teacher_config(args), teacher_dir)
-    timings["teacher"] = time.time() - t
+  experiment.train_once(teacher_config(args), os.path.join(args.root, "teacher"), timings, "teacher")
   runs = {}
   order = ([(m, s) for m in methods for s in seeds] if args.order == "method"
            else [(m, s) for s in seeds for m in methods])
   for method, seed in order:
     workdir = os.path.join(args.root, f"{method}_seed{seed}")
-    t = time.time()
-    final = train_and_evaluate(student_config(args, method, seed), workdir)
-    if not final.get("already_finished"):  # keep the wall time of the run that trained it
-      timings[f"{method}_seed{seed}"] = time.time() - t
-    runs.setdefault(method, []).append({"seed": seed, **summarize(workdir)})
-    # Written after every run, so an interrupted protocol still leaves the finished runs' numbers.
-    table = write_summary(args, runs, timings)
-  print("\n".join(table))
-
-
-def write_summary(args, runs, timings):
-  """Writes ``<root>/summary.json`` (mean ± std over the finished seeds) and returns the table rows.
-
-  Methods that an earlier invocation under the same root ran, and this one does not, are kept.
-  """
-  path = os.path.join(args.root, "summary.json")
-  if os.path.isfile(path):
-    with open(path) as f:
-      earlier = json.load(f)
-    runs = {**{m: r for m, r in earlier.get("runs", {}).items() if m not in runs}, **runs}
-    timings = {**earlier.get("wall_seconds", {}), **timings}
-  teacher = summarize(os.path.join(args.root, "teacher"))
-  table = ["| method | last val top-1 | best val top-1 | test top-1 (final model) |", "|---|---|---|---|"]
-  table.append(f"| static teacher ({args.teacher}) | {teacher['last_val']:.2f} | {teacher['best_val']:.2f} "
-               f"| {teacher['test']:.2f} |")
-  stats = {}
-  for method, results in runs.items():
-    row = {}
-    for key in ("last_val", "best_val", "test"):
-      values = np.array([r[key] for r in results])
-      row[key] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
-    stats[method] = row
-    table.append(f"| {method} | " + " | ".join(f"{row[k][0]:.2f} ± {row[k][1]:.2f}"
-                                                  for k in ("last_val", "best_val", "test")) + " |")
-  with open(path, "w") as f:
-    json.dump({"args": vars(args), "teacher": teacher, "runs": runs, "stats": stats,
-               "wall_seconds": timings}, f, indent=2)
-  return table
+    experiment.train_once(student_config(args, method, seed), workdir, timings, f"{method}_seed{seed}")
+    runs.setdefault(method, []).append({"seed": seed, **experiment.summarize(workdir)})
+    teacher = experiment.summarize(os.path.join(args.root, "teacher"))
+    stats = experiment.write_summary(args.root, vars(args), runs, timings, teacher=teacher)
+  print("\n".join(experiment.table(stats, reference_rows={f"static teacher ({args.teacher})": teacher})))
 
 
 if __name__ == "__main__":

@@ -13,15 +13,10 @@ ordinary resumable workdirs: rerunning skips finished ones. Writes ``<root>/summ
 a markdown table (mean ± std over seeds of the student's last val, best val and test top-1).
 """
 import argparse
-import json
 import os
-import time
 
-import numpy as np
-
-from gpd_jax import config_base
-from gpd_jax.metric_writer import read_metrics
-from gpd_jax.train import load_config_file, train_and_evaluate
+from gpd_jax import config_base, experiment
+from gpd_jax.train import load_config_file
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 ONLINE = os.path.join(CONFIG_DIR, "fashion_mnist_online.py")
@@ -37,13 +32,6 @@ def _shrink(c, epochs, num_train_examples, seed=None):
   if seed is not None:
     c.seed = seed
   return c
-
-
-def _train_once(config, workdir, timings, name):
-  if not os.path.isfile(os.path.join(workdir, "export", "model.json")):
-    start = time.time()
-    train_and_evaluate(config, workdir)
-    timings[name] = time.time() - start
 
 
 def method_config(args, method, seed, root):
@@ -68,13 +56,6 @@ def method_config(args, method, seed, root):
   return c
 
 
-def summarize(workdir):
-  val = read_metrics(workdir, "eval/val")
-  test = read_metrics(workdir, "test/test")
-  return {"last_val": val[-1]["top1_S"], "best_val": max(r["top1_S"] for r in val),
-          "test": test[-1]["top1_S"] if test else float("nan")}
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--root", required=True)
@@ -84,52 +65,38 @@ def main(argv=None):
   p.add_argument("--teacher_epochs", type=float, default=4)
   p.add_argument("--num_train_examples", type=int, default=10000)
   args = p.parse_args(argv)
-  methods = args.methods.split(",")
-  bad = [m for m in methods if m not in METHODS]
-  if bad:
-    p.error(f"--methods: unknown {bad}; choose from {METHODS}")
-  seeds = [int(s) for s in args.seeds.split(",")]
+  methods = experiment.parse_names(p, "--methods", args.methods, METHODS)
+  seeds = experiment.parse_seeds(p, args.seeds)
   root = os.path.abspath(args.root)
   os.makedirs(root, exist_ok=True)
   timings = {}
   teacher = lambda model: _shrink(load_config_file(f"{TEACHER}:{model}"), args.teacher_epochs,
                                   args.num_train_examples)
-  _train_once(teacher("resnet20"), os.path.join(root, "teacher"), timings, "teacher")
+  shared = {"teacher": teacher("resnet20")}
   if "camkd" in methods:
-    _train_once(teacher("resnet14"), os.path.join(root, "teacher_resnet14"), timings, "teacher_resnet14")
+    shared["teacher_resnet14"] = teacher("resnet14")
   if "takd" in methods:
     assistant = _shrink(load_config_file(f"{ONLINE}:assistant"), args.epochs, args.num_train_examples)
     assistant.teacher.workdir, assistant.teacher.config = os.path.join(root, "teacher"), ""
-    _train_once(assistant, os.path.join(root, "assistant"), timings, "assistant")
+    shared["assistant"] = assistant
+  for name, config in shared.items():  # in this order: the assistant learns from the teacher
+    experiment.train_once(config, os.path.join(root, name), timings, name)
   runs = {}
   for seed in seeds:  # every method's seed 0 first: a cut-off experiment still covers each method
     for method in methods:
       if method == "born_again":
         gen0 = _shrink(load_config_file(f"{TEACHER}:resnet8"), args.epochs, args.num_train_examples, seed)
-        _train_once(gen0, os.path.join(root, f"born_again_gen0_seed{seed}"), timings,
-                    f"born_again_gen0_seed{seed}")
-      workdir = os.path.join(root, f"{method}_seed{seed}")
-      start = time.time()
-      train_and_evaluate(method_config(args, method, seed, root), workdir)
-      timings[f"{method}_seed{seed}"] = time.time() - start
-      runs.setdefault(method, []).append(summarize(workdir))
-      with open(os.path.join(root, "summary.json"), "w") as f:
-        json.dump({"args": vars(args), "runs": runs, "wall_seconds": timings}, f, indent=2)
-
-  table = ["| method | seeds | last val top-1 | best val top-1 | test top-1 (final model) |",
-           "|---|---|---|---|---|"]
-  for name in ("teacher", "teacher_resnet14", "assistant"):
-    if os.path.isdir(os.path.join(root, name)):
-      r = summarize(os.path.join(root, name))
-      table.append(f"| {name} (1 run) | 1 | {r['last_val']:.2f} | {r['best_val']:.2f} | {r['test']:.2f} |")
-  for method, results in runs.items():
-    cells = []
-    for key in ("last_val", "best_val", "test"):
-      values = np.array([r[key] for r in results])
-      std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-      cells.append(f"{values.mean():.2f} ± {std:.2f}")
-    table.append(f"| {method} | {len(results)} | " + " | ".join(cells) + " |")
-  print("\n".join(table))
+        experiment.train_once(gen0, os.path.join(root, f"born_again_gen0_seed{seed}"), timings,
+                              f"born_again_gen0_seed{seed}")
+      name = f"{method}_seed{seed}"
+      workdir = os.path.join(root, name)
+      experiment.train_once(method_config(args, method, seed, root), workdir, timings, name)
+      runs.setdefault(method, []).append({"seed": seed, **experiment.summarize(workdir)})
+      stats = experiment.write_summary(root, vars(args), runs, timings)
+  shared_rows = {f"{name} (1 run)": experiment.summarize(os.path.join(root, name))
+                 for name in ("teacher", "teacher_resnet14", "assistant")
+                 if experiment.is_finished(os.path.join(root, name))}
+  print("\n".join(experiment.table({m: stats[m] for m in runs}, reference_rows=shared_rows)))
 
 
 if __name__ == "__main__":

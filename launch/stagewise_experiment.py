@@ -12,26 +12,16 @@ a markdown table (mean ± std over seeds of the student's last val, best val and
 is of the final weights, i.e. after the head phase).
 """
 import argparse
-import json
 import os
-import time
 
-import numpy as np
-
+from gpd_jax import experiment
 from gpd_jax.metric_writer import read_metrics
-from gpd_jax.train import load_config_file, train_and_evaluate
+from gpd_jax.train import load_config_file
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 STAGEWISE = os.path.join(CONFIG_DIR, "fashion_mnist_stagewise.py")
 TEACHER = os.path.join(CONFIG_DIR, "fashion_mnist_teacher.py")
 METHODS = {"stagewise": "stagewise", "sskd": "sskd", "stagewise_data20": "stagewise,data20"}
-
-
-def _train_once(config, workdir, timings, name):
-  if not os.path.isfile(os.path.join(workdir, "export", "model.json")):
-    start = time.time()
-    train_and_evaluate(config, workdir)
-    timings[name] = time.time() - start
 
 
 def teacher_config(args):
@@ -56,13 +46,10 @@ def method_config(args, method, seed):
 
 
 def summarize(workdir):
-  val = read_metrics(workdir, "eval/val")
-  test = read_metrics(workdir, "test/test")
-  phase = read_metrics(workdir, "phase")
-  return {"last_val": val[-1]["top1_S"], "best_val": max(r["top1_S"] for r in val),
-          "test": test[-1]["top1_S"] if test else float("nan"),
-          "test_teacher": test[-1].get("top1_T", float("nan")) if test else float("nan"),
-          "phase_val_losses": [(r["step"], int(r["index"]), r["val_loss"]) for r in phase]}
+  """experiment.summarize, plus each phase's end: (step, phase index, val loss)."""
+  return {**experiment.summarize(workdir),
+          "phase_val_losses": [(r["step"], int(r["index"]), r["val_loss"])
+                               for r in read_metrics(workdir, "phase")]}
 
 
 def main(argv=None):
@@ -76,43 +63,27 @@ def main(argv=None):
   p.add_argument("--summary_only", action="store_true",
                  help="train nothing: summarise the runs under --root that have finished")
   args = p.parse_args(argv)
-  methods = args.methods.split(",")
-  bad = [m for m in methods if m not in METHODS]
-  if bad:
-    p.error(f"--methods: unknown {bad}; choose from {tuple(METHODS)}")
-  seeds = [int(s) for s in args.seeds.split(",")]
+  methods = experiment.parse_names(p, "--methods", args.methods, METHODS)
+  seeds = experiment.parse_seeds(p, args.seeds)
   os.makedirs(args.root, exist_ok=True)
   timings = {}
   if not args.summary_only:
-    _train_once(teacher_config(args), os.path.join(args.root, "teacher"), timings, "teacher")
-  runs, seeds_done = {}, {}
+    experiment.train_once(teacher_config(args), os.path.join(args.root, "teacher"), timings, "teacher")
+  runs = {}
   for seed in seeds:  # seed-major: an interrupted sweep has every method at the first seeds
     for method in methods:
       name = f"{method}_seed{seed}"
       workdir = os.path.join(args.root, name)
       if not args.summary_only:
-        _train_once(method_config(args, method, seed), workdir, timings, name)
-      elif not os.path.isfile(os.path.join(workdir, "export", "model.json")):
+        experiment.train_once(method_config(args, method, seed), workdir, timings, name)
+      elif not experiment.is_finished(workdir):
         continue
-      runs.setdefault(method, []).append(summarize(workdir))
-      seeds_done.setdefault(method, []).append(seed)
-  teacher = summarize(os.path.join(args.root, "teacher"))
-  table = ["| method | last val top-1 | best val top-1 | test top-1 (final model) |", "|---|---|---|---|",
-           f"| static teacher (resnet20) | {teacher['last_val']:.2f} | {teacher['best_val']:.2f} | "
-           f"{teacher['test']:.2f} |"]
-  stats = {}
-  for method, results in runs.items():
-    row = {}
-    for key in ("last_val", "best_val", "test"):
-      values = np.array([r[key] for r in results])
-      row[key] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
-    stats[method] = row
-    table.append(f"| {method} (seeds {seeds_done[method]}) | " + " | ".join(
-        f"{row[k][0]:.2f} ± {row[k][1]:.2f}" for k in ("last_val", "best_val", "test")) + " |")
-  print("\n".join(table))
-  with open(os.path.join(args.root, "summary.json"), "w") as f:
-    json.dump({"args": vars(args), "teacher": teacher, "runs": runs, "seeds": seeds_done,
-               "stats": stats, "wall_seconds": timings}, f, indent=2)
+      runs.setdefault(method, []).append({"seed": seed, **summarize(workdir)})
+  teacher = experiment.summarize(os.path.join(args.root, "teacher"))
+  stats = experiment.write_summary(args.root, vars(args), runs, timings, teacher=teacher)
+  labels = {m: f"{m} (seeds {[r['seed'] for r in results]})" for m, results in runs.items()}
+  print("\n".join(experiment.table({m: stats[m] for m in runs}, labels=labels,
+                                    reference_rows={"static teacher (resnet20)": teacher})))
 
 
 if __name__ == "__main__":

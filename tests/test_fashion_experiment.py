@@ -1,10 +1,13 @@
 """launch/fashion_experiment.py builds every run on the config files, with help text on every flag."""
+import argparse
 import importlib.util
+import json
 import os
 
 import pytest
 
 from gpd_jax import config_base
+from gpd_jax import experiment as ex
 from gpd_jax.objective import make_objective
 from gpd_jax.train import load_config_file
 
@@ -86,3 +89,23 @@ def test_vit_student_flags(experiment, tmp_path):
   assert (default.optim.name, default.optim.no_decay_regex) == ("sgd", "")
   with pytest.raises(ValueError, match=r"--student_kwargs: 'patch_size' is not key=value"):
     experiment.parse_kwargs("patch_size")
+
+
+def test_protocol_summary_keeps_earlier_methods_and_computes_sample_std(tmp_path):
+  """gpd_jax/experiment.py: mean and sample std (n-1) per column; a later invocation that runs
+  other methods keeps the earlier ones; unknown method names exit with the flag named."""
+  run = lambda v: {"last_val": v, "best_val": v + 1.0, "test": 2.0 * v}
+  root = str(tmp_path)
+  ex.write_summary(root, {"seeds": "0,1"}, {"a": [run(1.0), run(3.0)]}, {"a_seed0": 5.0})
+  stats = ex.write_summary(root, {"seeds": "0"}, {"b": [run(10.0)]}, {"b_seed0": 7.0})
+  assert stats["a"]["last_val"] == pytest.approx((2.0, 2.0 ** 0.5))  # values 1, 3
+  assert stats["a"]["test"] == pytest.approx((4.0, 2.0 * 2.0 ** 0.5))  # values 2, 6
+  assert stats["b"]["best_val"] == (11.0, 0.0)
+  rows = ex.table(stats, reference_rows={"teacher": run(80.0)})
+  assert rows[2] == "| teacher | 80.00 | 81.00 | 160.00 |"
+  assert rows[3] == "| a | 2.00 ± 1.41 | 3.00 ± 1.41 | 4.00 ± 2.83 |"
+  with open(os.path.join(root, "summary.json")) as f:
+    saved = json.load(f)
+  assert sorted(saved["runs"]) == ["a", "b"] and saved["wall_seconds"] == {"a_seed0": 5.0, "b_seed0": 7.0}
+  with pytest.raises(SystemExit):
+    ex.parse_names(argparse.ArgumentParser(), "--methods", "a,zz", ("a", "b"))

@@ -510,3 +510,12 @@ class Features:
   stages: tuple[jax.Array, ...]
   preact_stages: tuple[jax.Array, ...]
   pooled: jax.Array
+
+
+def classifier_outputs(module: nn.Module, pooled: jax.Array, **taps):
+  """The classifier ``fc`` on ``pooled`` [B, C]: float32 logits [B, module.num_classes], or
+  ``(logits, Features(pooled=pooled, **taps))`` when ``module.return_features``."""
+  logits = head(pooled, module.num_classes, dtype=module.dtype)
+  if not module.return_features:
+    return logits
+  return logits, Features(pooled=pooled, **taps)

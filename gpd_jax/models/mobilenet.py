@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gpd_jax.models.layers import Features, batch_norm, conv, global_avg_pool, head
+from gpd_jax.models.layers import batch_norm, classifier_outputs, conv, global_avg_pool
 
 # (output width, stride) of the 13 depthwise-separable blocks.
 MOBILENET_V1_BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1),
@@ -52,10 +52,7 @@ class MobileNetV1(nn.Module):
       preact = bn(conv_(x, width * self.ratio, 1, name=f"block{i}_pw"), name=f"block{i}_pw_bn")
       x = nn.relu(preact)
     taps.append((x, preact))
-    pooled = global_avg_pool(x)
-    logits = head(pooled, self.num_classes, dtype=self.dtype)
-    if not self.return_features:
-      return logits
     (stem, preact_stem), stages = taps[0], taps[1:]
-    return logits, Features(stem=stem, preact_stem=preact_stem, stages=tuple(s for s, _ in stages),
-                            preact_stages=tuple(p for _, p in stages), pooled=pooled)
+    return classifier_outputs(self, global_avg_pool(x), stem=stem, preact_stem=preact_stem,
+                              stages=tuple(s for s, _ in stages),
+                              preact_stages=tuple(p for _, p in stages))

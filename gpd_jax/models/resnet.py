@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gpd_jax.models.layers import Features, batch_norm, conv, global_avg_pool, head, max_pool_3x3_s2
+from gpd_jax.models.layers import (batch_norm, classifier_outputs, conv, global_avg_pool,
+                                   max_pool_3x3_s2)
 
 
 class BasicBlock(nn.Module):
@@ -88,15 +89,6 @@ def _residual_stages(x, train, block_cls, widths, depths, **kw):
   return x, tuple(stages), tuple(preact_stages)
 
 
-def _outputs(module, pooled, **taps):
-  """The classifier ``fc`` on ``pooled`` [B, C]: the logits, or ``(logits, Features)`` when
-  ``module.return_features``."""
-  logits = head(pooled, module.num_classes, dtype=module.dtype)
-  if not module.return_features:
-    return logits
-  return logits, Features(pooled=pooled, **taps)
-
-
 class ResNet(nn.Module):
   """torchvision ImageNet ResNet: 7×7/2 stem, 3×3/2 max pool, four stages, global pool, fc.
 
@@ -123,7 +115,7 @@ class ResNet(nn.Module):
     stem = nn.relu(preact_stem)
     x, stages, preact_stages = _residual_stages(max_pool_3x3_s2(stem), train, block_cls,
                                                 self.widths, self.stage_sizes, **kw)
-    return _outputs(self, global_avg_pool(x), stem=stem, preact_stem=preact_stem, stages=stages,
+    return classifier_outputs(self, global_avg_pool(x), stem=stem, preact_stem=preact_stem, stages=stages,
                     preact_stages=preact_stages)
 
 
@@ -155,7 +147,7 @@ class CifarResNet(nn.Module):
     stem = nn.relu(preact_stem)
     x, stages, preact_stages = _residual_stages(stem, train, BasicBlock, self.widths[1:],
                                                 (n,) * len(self.widths[1:]), **kw)
-    return _outputs(self, global_avg_pool(x), stem=stem, preact_stem=preact_stem, stages=stages,
+    return classifier_outputs(self, global_avg_pool(x), stem=stem, preact_stem=preact_stem, stages=stages,
                     preact_stages=preact_stages)
 
 
@@ -225,5 +217,5 @@ class WideResNet(nn.Module):
       stages.append(x)
     final_preact = batch_norm(x, train=train, scale=self.ratio, dtype=self.dtype, name="bn")
     preact_stages.append(final_preact)
-    return _outputs(self, global_avg_pool(nn.relu(final_preact)), stem=stem, preact_stem=stem,
+    return classifier_outputs(self, global_avg_pool(nn.relu(final_preact)), stem=stem, preact_stem=stem,
                     stages=tuple(stages), preact_stages=tuple(preact_stages))
