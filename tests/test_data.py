@@ -246,6 +246,19 @@ def test_eval_split_by_name_and_cap(fm_fixture):
   assert len(masks) == 2 and np.concatenate(masks).sum() == 30
 
 
+@pytest.mark.parametrize("cap", [None, 123])
+def test_train_labels_match_the_records_in_index_order(fm_fixture, cap):
+  """CRD's labels: read in chunks (7 here, so chunks straddle the label pattern) without decoding
+  the images, equal to the labels of the records the train pipeline reads (decoded, one at a
+  time), in dataset-index order: the positions ``batch['index']`` points at."""
+  config = make_config(fm_fixture, num_train_examples=cap)
+  labels = data.pipeline.train_labels(config, chunk=7)
+  src = data.pipeline.open_source(config, None, cap=cap)
+  expected = [int(src[i]["label"]) for i in range(len(src))]
+  assert labels.dtype == np.int32 and len(labels) == (cap or 250)
+  np.testing.assert_array_equal(labels, expected)
+
+
 def test_synthetic_pipeline_imagenet_augment():
   config = ml_collections.ConfigDict(dict(
       seed=3, batch_size=8, eval_batch_size=8,

@@ -308,11 +308,26 @@ def _with_index(augment, pair, rng) -> dict:
   return {**augment(record, rng), "index": np.int32(index)}
 
 
-def train_labels(config) -> np.ndarray:
+def train_labels(config, *, chunk: int = 8192) -> np.ndarray:
   """[N] int32 labels of the (capped) training split, in dataset-index order (what ``'index'``
-  points into)."""
-  src = open_source(config, None, cap=_get(config.dataset, "num_train_examples"))
-  return np.asarray([int(src[i]["label"]) for i in range(len(src))], np.int32)
+  points into).
+
+  Reads the records without decoding their images, ``chunk`` at a time (the source's batched
+  read): on Fashion-MNIST's 60k records 4 s instead of 44 s for one decoded record at a time.
+  """
+  d = config.dataset
+  cap = _get(d, "num_train_examples")
+  if d.name == "synthetic":
+    src = open_source(config, None, cap=cap)
+    return np.asarray([int(src[i]["label"]) for i in range(len(src))], np.int32)
+  src = sources.load_source(d.name, resolve_split(config, None), data_dir=_get(d, "data_dir"),
+                            source_dir=_get(d, "source_dir"), decode_images=False)
+  count = len(src) if cap is None else min(len(src), int(cap))
+  labels = np.empty(count, np.int32)
+  for start in range(0, count, chunk):
+    stop = min(count, start + chunk)
+    labels[start:stop] = [int(r["label"]) for r in src.__getitems__(list(range(start, stop)))]
+  return labels
 
 
 def create_train_iterator(config, *, process_index: int = 0,

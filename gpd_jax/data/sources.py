@@ -249,7 +249,7 @@ def _prepare_fashion_mnist(data_dir: str, source_dir: Optional[str]):
 
 
 def load_source(name: str, split: str, *, data_dir: Optional[str] = None,
-                source_dir: Optional[str] = None):
+                source_dir: Optional[str] = None, decode_images: bool = True):
   """Returns a random-access source over ``split`` of dataset ``name`` (TensorFlow-free).
 
   Args:
@@ -261,6 +261,8 @@ def load_source(name: str, split: str, *, data_dir: Optional[str] = None,
     source_dir: fashion_mnist only: directory of the gzipped IDX files (default
       ``/usr/share/datasets/fashion-mnist``). Fashion-MNIST is converted to ArrayRecord in
       ``data_dir`` the first time it is requested and reused afterwards.
+    decode_images: False leaves 'image' as its encoded bytes (for reading labels only: decoding is
+      most of the cost of a record).
 
   Returns:
     A ``Sequence``-like TFDS data source; ``source[i]`` is a dict with 'image' (uint8
@@ -275,12 +277,13 @@ def load_source(name: str, split: str, *, data_dir: Optional[str] = None,
     raise ValueError(f"Unknown dataset {name!r}; supported: {tuple(TFDS_NAMES)} "
                      "(and 'synthetic' through synthetic_source / the pipelines).")
   data_dir = default_data_dir(data_dir)
+  decoders = None if decode_images else {"image": tfds.decode.SkipDecoding()}
   if name == "fashion_mnist":
-    return _prepare_fashion_mnist(data_dir, source_dir).as_data_source(split)
+    return _prepare_fashion_mnist(data_dir, source_dir).as_data_source(split, decoders=decoders)
 
   builder = tfds.builder(TFDS_NAMES[name], data_dir=data_dir)
   try:
-    return builder.as_data_source(split)
+    return builder.as_data_source(split, decoders=decoders)
   except Exception as e:  # pylint: disable=broad-except
     # Only explain the "not prepared" cases; anything else (a bad split spec, ...) is a
     # genuine error and propagates unchanged.
