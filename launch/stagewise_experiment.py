@@ -42,6 +42,10 @@ def method_config(args, method, seed):
     c.dataset.num_train_examples = args.num_train_examples
   c.teacher.workdir = os.path.abspath(os.path.join(args.root, "teacher"))
   c.teacher.config = ""
+  if args.phase_epochs_scale != 1.0:
+    c.phases = tuple({**dict(p), "epochs": float(p["epochs"]) * args.phase_epochs_scale}
+                     for p in c.phases)
+    c.num_epochs = sum(p["epochs"] for p in c.phases)
   return c
 
 
@@ -60,6 +64,8 @@ def main(argv=None):
   p.add_argument("--teacher_epochs", type=float, default=None, help="teacher epochs (default: its config's)")
   p.add_argument("--num_train_examples", type=int, default=0, help="cap on the train images (0: all)")
   p.add_argument("--runlocal", action="store_true", help="shrink every run like the configs' :runlocal")
+  p.add_argument("--phase_epochs_scale", type=float, default=1.0,
+                 help="multiply every phase's length by this (1: the protocol's 3 epochs in all)")
   p.add_argument("--summary_only", action="store_true",
                  help="train nothing: summarise the runs under --root that have finished")
   args = p.parse_args(argv)

@@ -109,3 +109,19 @@ def test_protocol_summary_keeps_earlier_methods_and_computes_sample_std(tmp_path
   assert sorted(saved["runs"]) == ["a", "b"] and saved["wall_seconds"] == {"a_seed0": 5.0, "b_seed0": 7.0}
   with pytest.raises(SystemExit):
     ex.parse_names(argparse.ArgumentParser(), "--methods", "a,zz", ("a", "b"))
+
+
+def test_stagewise_phase_epochs_scale_lengthens_every_phase():
+  spec = importlib.util.spec_from_file_location(
+      "stagewise_experiment", os.path.join(ROOT, "launch", "stagewise_experiment.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  args = argparse.Namespace(runlocal=False, num_train_examples=10000, root="/tmp/unused",
+                            phase_epochs_scale=1.0)
+  base = module.method_config(args, "stagewise", seed=0)
+  args.phase_epochs_scale = 4.0
+  longer = module.method_config(args, "stagewise", seed=0)
+  assert [p["epochs"] for p in base.phases] == [0.5, 0.5, 0.5, 0.5, 1.0]
+  assert [p["epochs"] for p in longer.phases] == [2.0, 2.0, 2.0, 2.0, 4.0]
+  assert (base.num_epochs, longer.num_epochs) == (3.0, 12.0)
+  assert [p["train"] for p in longer.phases] == [p["train"] for p in base.phases]
