@@ -310,7 +310,8 @@ def setup(config, workdir: str, *, training: bool = True) -> Run:
     teacher_variables = {**({"teacher": teacher_variables} if teacher else {}), **extra_variables}
   labels = None  # CRD's memory bank: one row per training example, negatives from the labels
   if data.pipeline.needs_example_index(config):
-    labels = data.pipeline.train_labels(config)
+    labels = data.pipeline.cached_train_labels(  # one process writes the cache
+        config, os.path.join(workdir, "train_labels.npz"), write=training and jax.process_index() == 0)
   task = build_task(config, num_classes=info.num_classes, sample_shape=sample_shape,
                     teacher=teacher, steps_per_epoch=steps_per_epoch, extra_teachers=extra_modules,
                     train_labels=labels)

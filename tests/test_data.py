@@ -259,6 +259,33 @@ def test_train_labels_match_the_records_in_index_order(fm_fixture, cap):
   np.testing.assert_array_equal(labels, expected)
 
 
+def test_cached_train_labels_are_reused_checked_and_never_written_read_only(fm_fixture, tmp_path,
+                                                                           monkeypatch):
+  config = make_config(fm_fixture, num_train_examples=123)
+  expected = data.pipeline.train_labels(config)
+  path = str(tmp_path / "run" / "train_labels.npz")
+  np.testing.assert_array_equal(data.pipeline.cached_train_labels(config, path, write=False), expected)
+  assert not os.path.exists(path)  # evaluation writes nothing
+  np.testing.assert_array_equal(data.pipeline.cached_train_labels(config, path), expected)
+  assert os.path.isfile(path)
+  real = data.pipeline.train_labels
+  monkeypatch.setattr(data.pipeline, "train_labels", lambda c: pytest.fail("read the split again"))
+  np.testing.assert_array_equal(data.pipeline.cached_train_labels(config, path), expected)  # cached
+  monkeypatch.setattr(data.pipeline, "train_labels", real)
+  # Another cap is another source: read again and replace the file.
+  other = make_config(fm_fixture, num_train_examples=50)
+  np.testing.assert_array_equal(data.pipeline.cached_train_labels(other, path),
+                                data.pipeline.train_labels(other))
+  with np.load(path) as f:
+    assert len(f["labels"]) == 50
+  # A damaged file is ignored (and, when writing, replaced).
+  with open(path, "wb") as f:
+    f.write(b"not an npz")
+  np.testing.assert_array_equal(data.pipeline.cached_train_labels(config, path), expected)
+  with np.load(path) as f:
+    assert len(f["labels"]) == 123
+
+
 def test_synthetic_pipeline_imagenet_augment():
   config = ml_collections.ConfigDict(dict(
       seed=3, batch_size=8, eval_batch_size=8,

@@ -43,7 +43,10 @@ where ``b = global batch // process_count``. ``worker_count > 0`` needs absl fla
 and an ``if __name__ == '__main__'`` guard in the script (worker processes re-import it).
 """
 import functools
+import json
 import math
+import os
+import zipfile
 from typing import Optional
 
 import grain
@@ -327,6 +330,32 @@ def train_labels(config, *, chunk: int = 8192) -> np.ndarray:
   for start in range(0, count, chunk):
     stop = min(count, start + chunk)
     labels[start:stop] = [int(r["label"]) for r in src.__getitems__(list(range(start, stop)))]
+  return labels
+
+
+def cached_train_labels(config, cache_path: str, *, write: bool = True) -> np.ndarray:
+  """:func:`train_labels`, kept in ``cache_path`` (.npz) so a resumed run does not read the split
+  again (on ImageNet that is every record's bytes).
+
+  The file stores the labels with the dataset name, train split and cap they came from; a file that
+  is unreadable or from another source is ignored (and replaced when ``write``). ``write=False``
+  (evaluation) never creates or changes a file. Written atomically (temporary file + rename).
+  """
+  d = config.dataset
+  source = np.asarray(json.dumps({"name": d.name, "split": resolve_split(config, None),
+                                  "cap": _get(d, "num_train_examples")}, sort_keys=True))
+  try:
+    with np.load(cache_path) as cached:
+      if str(cached["source"]) == str(source):
+        return np.asarray(cached["labels"], np.int32)
+  except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # missing or damaged: read the split
+    pass
+  labels = train_labels(config)
+  if write:
+    os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+    tmp = f"{cache_path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, labels=labels, source=source)
+    os.replace(tmp, cache_path)
   return labels
 
 
