@@ -123,15 +123,26 @@ def _plain_path(path) -> str:
 
 
 def _structure_diff(metadata_tree, abstract_state) -> str | None:
-  """What differs between a checkpoint's saved array metadata and the target state, or None."""
-  saved = {_plain_path(p): m for p, m in jax.tree_util.tree_leaves_with_path(metadata_tree)}
-  wanted = {_plain_path(p): a for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
+  """What differs between a checkpoint's saved metadata and the target state, or None.
+
+  Empty entries (None, or a node without leaves such as optax's EmptyState, which orbax saves as
+  None) count as structure: orbax restores only into the same tree.
+  """
+  def is_empty(x):
+    return x is None or (isinstance(x, (tuple, list, dict)) and not x)
+
+  def entries(tree):
+    return {_plain_path(p): None if is_empty(x) else x for p, x in
+            jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_empty)}
+  saved, wanted = entries(metadata_tree), entries(abstract_state)
   missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
   if missing or extra:
-    return (f"{len(missing)} arrays of the new state are not in the checkpoint (e.g. {missing[:2]}), "
-            f"{len(extra)} arrays of the checkpoint are not in the new state (e.g. {extra[:2]})")
+    return (f"{len(missing)} entries of the new state are not in the checkpoint (e.g. {missing[:2]}), "
+            f"{len(extra)} entries of the checkpoint are not in the new state (e.g. {extra[:2]})")
   for key, a in wanted.items():
     m = saved[key]
+    if (m is None) != (a is None):
+      return f"{key} is {'empty' if m is None else 'an array'} in the checkpoint but not in the new state"
     shape = getattr(m, "shape", None)
     if shape is not None and tuple(shape) != tuple(a.shape):
       return f"{key} has shape {tuple(shape)} in the checkpoint but {tuple(a.shape)} in the new state"
@@ -281,22 +292,18 @@ class Checkpointer:
       raise _BadStep(f"its state metadata is unreadable ({type(e).__name__}: {_short(e)})") from None
     if metadata is None or not jax.tree.leaves(metadata):
       raise _BadStep("its state metadata is missing or unreadable")
-    diff = _structure_diff(metadata, abstract_state)
+    # A None field that the checkpoint predates has nothing to read: leave it out of the target.
+    target = _without_unsaved_empty_fields(abstract_state, metadata)
+    diff = _structure_diff(metadata, target)
     if diff is not None:
       raise CheckpointMismatchError(
           f"the checkpoint in {self.directory} (step {step}) does not fit the train state this "
           f"config builds ({diff}); did config.optim, config.ema_decay or config.model change? Use a "
           "new --workdir, or restore the old settings.")
-    target = _without_unsaved_empty_fields(abstract_state, metadata)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
-      if "tree structures do not match" in str(e):  # a layout difference, not damage: never move it
-        raise CheckpointMismatchError(
-            f"the checkpoint in {self.directory} (step {step}) has a different train-state layout "
-            f"than this config builds ({_short(e)}); use a new --workdir, or restore the old "
-            "settings.") from None
       raise _BadStep(f"its arrays are unreadable ({_short(e)})") from None
     state = _with_empty_fields(abstract_state, restored["state"])
     checksums, finite = fingerprint(state)
