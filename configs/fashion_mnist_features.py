@@ -35,10 +35,8 @@ def get_config(arg=None):
   method = methods[0]
   c = config_base.fashion_mnist_recipe(config_base.base_config(), num_epochs=5)
   c.model.name = "resnet8"
-  c.teacher.name = "resnet20"
-  c.teacher.workdir = "teacher"
   teacher_config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fashion_mnist_teacher.py")
-  c.teacher.config = teacher_config + (":runlocal" if "runlocal" in flags else "")
+  config_base.static_teacher(c, "resnet20", teacher_config + (":runlocal" if "runlocal" in flags else ""))
   c.loss.base = "ce"
   c.optim.clip_norm = 5.0
   if method in ("reviewkd", "reviewkd_gpd"):

@@ -20,10 +20,8 @@ def get_config(arg=None):
   flags = config_base.parse_arg(arg, allowed=("runlocal",))
   c = config_base.fashion_mnist_recipe(config_base.base_config(), num_epochs=5)
   c.model.name = "resnet8"
-  c.teacher.name = "resnet20"
-  c.teacher.workdir = "teacher"
   teacher_config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fashion_mnist_teacher.py")
-  c.teacher.config = teacher_config + (":runlocal" if "runlocal" in flags else "")
+  config_base.static_teacher(c, "resnet20", teacher_config + (":runlocal" if "runlocal" in flags else ""))
   c.loss.base = "dkd"
   c.loss.dkd.alpha = 1.0
   c.loss.dkd.beta = 2.0  # mdistiller's setting for small same-family pairs (res56 -> res20)

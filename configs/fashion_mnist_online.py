@@ -78,8 +78,7 @@ def get_config(arg=None):
     sce = c.gpd.sce_weight
     c.online.terms = ("ce(peer)", "ce(peer_dt)", f"{sce}*sce(peer<-peer_dt)", "dml(student<->peer)")
   elif method == "sokd":
-    config_base.static_teacher(c, "resnet20")
-    c.teacher.config = _teacher_config("resnet20", runlocal)
+    config_base.static_teacher(c, "resnet20", _teacher_config("resnet20", runlocal))
     _kd(c)
     c.online.peers.bridge = peer("resnet20", init="teacher")
     c.online.terms = ("ce(bridge)", "kd(bridge<-teacher)", "dml(student<->bridge)")
@@ -92,8 +91,7 @@ def get_config(arg=None):
     c.online.terms = ("ce(online_teacher)", "bdkd(student<-online_teacher)",
                       "reverse_kl(online_teacher<-student)")
   elif method == "camkd":
-    config_base.static_teacher(c, "resnet20")
-    c.teacher.config = _teacher_config("resnet20", runlocal)
+    config_base.static_teacher(c, "resnet20", _teacher_config("resnet20", runlocal))
     c.online.teachers.teacher_2 = config_base.frozen_teacher(
         "resnet14", "teacher_resnet14", config=_teacher_config("resnet14", runlocal))
     c.online.terms = ("camkd(student<-teacher,teacher_2)",)
@@ -101,8 +99,7 @@ def get_config(arg=None):
     _kd(c)
     if method == "assistant":
       c.model.name = "resnet14"
-      config_base.static_teacher(c, "resnet20")
-      c.teacher.config = _teacher_config("resnet20", runlocal)
+      config_base.static_teacher(c, "resnet20", _teacher_config("resnet20", runlocal))
     else:
       c.teacher.name = "resnet14"
       c.teacher.workdir = "assistant"

@@ -60,10 +60,8 @@ def get_config(arg=None):
   method = methods[0] if methods else "stagewise"
   c = config_base.fashion_mnist_recipe(config_base.base_config(), num_epochs=3)
   c.model.name = config_base._model_flag(flags, "resnet8")  # pylint: disable=protected-access
-  c.teacher.name = "resnet20"
-  c.teacher.workdir = "teacher"
   teacher_config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fashion_mnist_teacher.py")
-  c.teacher.config = teacher_config + (":runlocal" if "runlocal" in flags else "")
+  config_base.static_teacher(c, "resnet20", teacher_config + (":runlocal" if "runlocal" in flags else ""))
   c.loss.base = "ce"  # the logit loss of the phases that use 'base' (none here)
   c.optim.clip_norm = 0.0
   if method == "stagewise":

@@ -284,10 +284,12 @@ def imagenet_recipe(c, *, model="resnet18"):
   return c
 
 
-def static_teacher(c, name):
-  """A static teacher ``name`` (trained by a ``*_ce.py`` config), expected in <workdir>/teacher."""
+def static_teacher(c, name, config=""):
+  """A static teacher ``name`` (trained by a ``*_ce.py`` config), expected in <workdir>/teacher;
+  with ``config`` (a config file path, ``:args`` allowed) it is trained there first when missing."""
   c.teacher.name = name
   c.teacher.workdir = "teacher"
+  c.teacher.config = config
   return c
 
 
