@@ -154,6 +154,7 @@ def main(argv=None):
   os.makedirs(args.root, exist_ok=True)
   timings = {}
   experiment.train_once(teacher_config(args), os.path.join(args.root, "teacher"), timings, "teacher")
+  teacher = experiment.summarize(os.path.join(args.root, "teacher"))
   runs = {}
   order = ([(m, s) for m in methods for s in seeds] if args.order == "method"
            else [(m, s) for s in seeds for m in methods])
@@ -161,7 +162,6 @@ def main(argv=None):
     workdir = os.path.join(args.root, f"{method}_seed{seed}")
     experiment.train_once(student_config(args, method, seed), workdir, timings, f"{method}_seed{seed}")
     runs.setdefault(method, []).append({"seed": seed, **experiment.summarize(workdir)})
-    teacher = experiment.summarize(os.path.join(args.root, "teacher"))
     stats = experiment.write_summary(args.root, vars(args), runs, timings, teacher=teacher)
   print("\n".join(experiment.table(stats, reference_rows={f"static teacher ({args.teacher})": teacher})))
 
